@@ -1,0 +1,22 @@
+//! Touchpoint's wire contract.
+//!
+//! `proto/touchpoint/v1/*.proto` compiled at build time (no protoc needed):
+//! - [`v1::playbook_service_server`] / client: apply, get, list playbooks;
+//! - [`v1::enrollment_service_server`] and [`v1::run_service_server`]: start, read, cancel runs;
+//! - [`v1::worker_service_server`]: the worker stream (Hello, Task, TaskResult).
+//!
+//! [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
+
+/// Generated messages and services of package `touchpoint.v1`.
+#[allow(missing_docs, unreachable_pub, clippy::all, missing_debug_implementations)]
+pub mod v1 {
+    tonic::include_proto!("touchpoint.v1");
+}
+
+/// Encoded descriptors of every Touchpoint proto file, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/touchpoint_descriptor.bin"));
+
+/// Largest gRPC message either side accepts (16 MiB): bulk enrollment batches
+/// and full run listings stay well below it.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
