@@ -1,12 +1,57 @@
-//! Touchpoint scheduler (API stub while the implementation lands).
-use std::{future::Future, net::SocketAddr, time::Duration};
+//! Touchpoint scheduler: the gRPC API, all state in Redis, durable timers, dispatch.
+//!
+//! - [`playbook`]: the model; parsing and validation with field paths; templates.
+//! - [`store`]: the only code that touches Redis: key layout ([`store::keys`]) and Lua.
+//! - [`run`]: run states, timeline entries, step transitions, backoff.
+//! - `engine`: the timer loop (claim due steps, settle or dispatch) and outcomes.
+//! - `workers`: connected workers and credit-based flow control.
+//! - `api`: thin tonic services.
+//!
+//! [`run`](fn@run) serves on a listener until a shutdown future completes; `main` and
+//! `tp dev` both call it.
+
+mod api;
+mod clock;
+mod engine;
+pub mod playbook;
+mod playbook_cache;
+pub mod run;
+pub mod store;
+mod trace;
+mod workers;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use touchpoint_proto::{
+    MAX_MESSAGE_BYTES,
+    v1::{
+        enrollment_service_server::EnrollmentServiceServer,
+        playbook_service_server::PlaybookServiceServer, run_service_server::RunServiceServer,
+        worker_service_server::WorkerServiceServer,
+    },
+};
+use tracing::info;
+
+use crate::{
+    api::{EnrollmentApi, PlaybookApi, RunApi, WorkerApi},
+    engine::{Engine, EngineConfig},
+    playbook_cache::PlaybookCache,
+    store::Store,
+};
 
 /// Flags and environment of the scheduler.
 #[derive(clap::Parser, Debug, Clone)]
 #[command(name = "touchpoint-scheduler", version, about)]
 pub struct SchedulerArgs {
     /// Redis holding all state.
-    #[arg(long, env = "TOUCHPOINT_REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
+    #[arg(
+        long,
+        env = "TOUCHPOINT_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
     pub redis_url: String,
     /// gRPC listen address.
     #[arg(long, env = "TOUCHPOINT_LISTEN", default_value = "127.0.0.1:50051")]
@@ -14,18 +59,153 @@ pub struct SchedulerArgs {
     /// How long a worker holds a handed-out step before it is handed out again.
     #[arg(long, env = "TOUCHPOINT_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lease: Duration,
+    /// Partitions of the deployment: fixed when it is created.
+    #[arg(long, env = "TOUCHPOINT_PARTITIONS", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=16384))]
+    pub partitions: u16,
+    /// Prefix of every Redis key.
+    #[arg(long, env = "TOUCHPOINT_KEY_PREFIX", default_value = "tp")]
+    pub key_prefix: String,
+    /// How long finished runs are kept.
+    #[arg(long, env = "TOUCHPOINT_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// How often an idle partition is checked for steps scheduled by other schedulers.
+    #[arg(long, env = "TOUCHPOINT_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+    /// Most due steps claimed in one Redis call.
+    #[arg(long, env = "TOUCHPOINT_CLAIM_BATCH", default_value_t = 256)]
+    pub claim_batch: usize,
+    /// Name of this scheduler (default: a random one).
+    #[arg(long, env = "TOUCHPOINT_SCHEDULER_ID")]
+    pub scheduler_id: Option<String>,
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
 pub async fn run(
-    _args: SchedulerArgs,
-    _listener: tokio::net::TcpListener,
-    _shutdown: impl Future<Output = ()> + Send + 'static,
+    args: SchedulerArgs,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    Ok(())
+    let store = Store::connect(
+        &args.redis_url,
+        &args.key_prefix,
+        args.partitions,
+        args.retention.as_secs().max(1),
+    )
+    .await
+    .with_context(|| format!("cannot use Redis at {}", redact_url(&args.redis_url)))?;
+    let stop = CancellationToken::new();
+    let playbooks = Arc::new(PlaybookCache::default());
+    let scheduler_id = args.scheduler_id.clone().unwrap_or_else(|| {
+        format!(
+            "scheduler-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        )
+    });
+    let engine = Engine::start(
+        store.clone(),
+        Arc::clone(&playbooks),
+        EngineConfig {
+            scheduler_id: scheduler_id.clone(),
+            lease: args.lease,
+            claim_batch: args.claim_batch,
+            poll_interval: args.poll_interval,
+        },
+        stop.clone(),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<PlaybookServiceServer<PlaybookApi>>()
+        .await;
+    health
+        .set_serving::<EnrollmentServiceServer<EnrollmentApi>>()
+        .await;
+    health.set_serving::<RunServiceServer<RunApi>>().await;
+    health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+    let reflection = |builder: tonic_reflection::server::Builder<'static>| {
+        builder
+            .register_encoded_file_descriptor_set(touchpoint_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure()).build_v1()?;
+    let reflection_v1alpha =
+        reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
+
+    let addr = listener.local_addr()?;
+    info!(%addr, scheduler = %scheduler_id, partitions = args.partitions, "touchpoint-scheduler listening");
+    let stop_on_shutdown = stop.clone();
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            PlaybookServiceServer::new(PlaybookApi::new(store.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            EnrollmentServiceServer::new(EnrollmentApi::new(
+                store.clone(),
+                Arc::clone(&playbooks),
+                Arc::clone(&engine),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            RunServiceServer::new(RunApi::new(store.clone(), playbooks))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            WorkerServiceServer::new(WorkerApi::new(engine))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            stop_on_shutdown.cancel();
+        })
+        .await;
+    stop.cancel();
+    info!("touchpoint-scheduler stopped");
+    Ok(result?)
 }
 
 /// What `main` does: binds `args.listen` and serves until SIGINT or SIGTERM.
-pub async fn main_with_args(_args: SchedulerArgs) -> anyhow::Result<()> {
-    Ok(())
+pub async fn main_with_args(args: SchedulerArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (set --listen or TOUCHPOINT_LISTEN)",
+                args.listen
+            )
+        })?;
+    run(args, listener, shutdown_signal()).await
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let Ok(mut terminate) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return interrupt.await.unwrap_or(());
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    interrupt.await.unwrap_or(());
+}
+
+/// A Redis URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://[redacted]@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
 }

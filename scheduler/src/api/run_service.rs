@@ -1,0 +1,419 @@
+//! `touchpoint.v1.EnrollmentService` and `touchpoint.v1.RunService`.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use touchpoint_proto::v1::{
+    self, RunStatus as ProtoRunStatus, StepStatus, enrollment_service_server::EnrollmentService,
+    run_service_server::RunService,
+};
+
+use super::status::invalid_field;
+use crate::{
+    clock::now_ms,
+    engine::Engine,
+    playbook::StepKind,
+    playbook_cache::PlaybookCache,
+    run::{
+        Next, RunStatus, StepOutcome, TimelineEntry, new_run_id, next_step, partition_of_contact,
+    },
+    store::{ContactRecord, NewRun, RunRecord, Store},
+    trace,
+};
+
+/// Limits on what one enrollment may carry.
+const MAX_ID_BYTES: usize = 256;
+const MAX_ATTRS: usize = 256;
+const MAX_VALUE_BYTES: usize = 4096;
+const MAX_PAGE_SIZE: u32 = 1000;
+const DEFAULT_PAGE_SIZE: u32 = 50;
+
+/// Starts runs.
+#[derive(Debug, Clone)]
+pub(crate) struct EnrollmentApi {
+    store: Store,
+    playbooks: Arc<PlaybookCache>,
+    engine: Arc<Engine>,
+}
+
+impl EnrollmentApi {
+    /// The service over `store`, waking `engine` for new runs.
+    pub(crate) fn new(store: Store, playbooks: Arc<PlaybookCache>, engine: Arc<Engine>) -> Self {
+        Self {
+            store,
+            playbooks,
+            engine,
+        }
+    }
+}
+
+fn check_contact(contact: &v1::Contact) -> Result<(), Status> {
+    let check_id = |field: &str, id: &str| {
+        if id.is_empty() {
+            Err(invalid_field(field, "required"))
+        } else if id.len() > MAX_ID_BYTES || id.chars().any(char::is_control) {
+            Err(invalid_field(
+                field,
+                format!("expected at most {MAX_ID_BYTES} bytes of printable text"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    check_id("contact.id", &contact.id)?;
+    if contact.attrs.len() > MAX_ATTRS {
+        return Err(invalid_field(
+            "contact.attrs",
+            format!("{} attributes (at most {MAX_ATTRS})", contact.attrs.len()),
+        ));
+    }
+    for (map, name) in [
+        (&contact.attrs, "attrs"),
+        (&contact.identities, "identities"),
+    ] {
+        for (key, value) in map {
+            check_id(&format!("contact.{name}"), key)?;
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(invalid_field(
+                    &format!("contact.{name}.{key}"),
+                    format!("longer than {MAX_VALUE_BYTES} bytes"),
+                ));
+            }
+        }
+    }
+    for tag in &contact.tags {
+        check_id("contact.tags", tag)?;
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl EnrollmentService for EnrollmentApi {
+    async fn enroll(
+        &self,
+        request: Request<v1::EnrollRequest>,
+    ) -> Result<Response<v1::EnrollResponse>, Status> {
+        let caller_trace = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let request = request.into_inner();
+        if request.playbook.is_empty() {
+            return Err(invalid_field("playbook", "required"));
+        }
+        let contact = request
+            .contact
+            .ok_or_else(|| invalid_field("contact", "required"))?;
+        check_contact(&contact)?;
+        if request.request_id.len() > MAX_ID_BYTES {
+            return Err(invalid_field(
+                "request_id",
+                format!("longer than {MAX_ID_BYTES} bytes"),
+            ));
+        }
+        let loaded = self
+            .playbooks
+            .latest(&self.store, &request.playbook)
+            .await?;
+        let partitions = self.store.partitions();
+        let partition = partition_of_contact(&contact.id, partitions);
+        let now = now_ms();
+        let Next::Step { index, due_ms } = next_step(&loaded.playbook, 0, now) else {
+            return Err(Status::failed_precondition("the playbook has no steps"));
+        };
+        let mut tags = contact.tags;
+        tags.sort();
+        tags.dedup();
+        let run = NewRun {
+            run_id: new_run_id(partition),
+            partition,
+            playbook: request.playbook,
+            version: loaded.version,
+            contact: ContactRecord {
+                id: contact.id,
+                attrs: contact.attrs.into_iter().collect(),
+                tags,
+                tz: contact.tz,
+                identities: contact.identities.into_iter().collect(),
+            },
+            first_step: index,
+            due_ms,
+            now_ms: now,
+            traceparent: trace::for_new_run(caller_trace.as_deref()),
+            request_id: (!request.request_id.is_empty()).then_some(request.request_id),
+        };
+        let (run_id, created) = self.store.enroll(&run).await?;
+        if created {
+            self.engine.schedule_check(partition, due_ms);
+            tracing::info!(run_id = %run_id, playbook = %run.playbook, version = run.version, "run started");
+        }
+        Ok(Response::new(v1::EnrollResponse {
+            run_id,
+            version: loaded.version,
+            created,
+        }))
+    }
+}
+
+/// Reads and cancels runs.
+#[derive(Debug, Clone)]
+pub(crate) struct RunApi {
+    store: Store,
+    playbooks: Arc<PlaybookCache>,
+}
+
+impl RunApi {
+    /// The service over `store`.
+    pub(crate) fn new(store: Store, playbooks: Arc<PlaybookCache>) -> Self {
+        Self { store, playbooks }
+    }
+
+    /// A stored run with one record per playbook step.
+    async fn to_proto(&self, record: RunRecord) -> Result<v1::Run, Status> {
+        let loaded = self
+            .playbooks
+            .get(&self.store, &record.playbook, record.version)
+            .await?;
+        let steps = &loaded.playbook.steps;
+        let mut records: Vec<v1::StepRecord> = steps
+            .iter()
+            .map(|step| v1::StepRecord {
+                step_id: step.id.clone(),
+                kind: step.kind_name().to_owned(),
+                status: StepStatus::Pending.into(),
+                channel: step.channel().unwrap_or_default().to_owned(),
+                ..Default::default()
+            })
+            .collect();
+        for entry in &record.timeline {
+            if let Some(slot) = records.get_mut(entry.index) {
+                *slot = v1::StepRecord {
+                    status: match entry.outcome {
+                        StepOutcome::Done => StepStatus::Done,
+                        StepOutcome::Skipped => StepStatus::Skipped,
+                        StepOutcome::Failed => StepStatus::Failed,
+                        StepOutcome::Cancelled => StepStatus::Cancelled,
+                    }
+                    .into(),
+                    attempts: entry.attempts,
+                    due_at_ms: entry.due_ms,
+                    done_at_ms: entry.done_ms,
+                    worker: entry.worker.clone(),
+                    channel: if entry.channel.is_empty() {
+                        slot.channel.clone()
+                    } else {
+                        entry.channel.clone()
+                    },
+                    detail: entry.detail.clone(),
+                    ..slot.clone()
+                };
+            }
+        }
+        let current = steps.get(record.step_index);
+        if record.status == RunStatus::Active
+            && let (Some(step), Some(slot)) = (current, records.get_mut(record.step_index))
+        {
+            let retrying = record.attempt > 1 || !record.detail.is_empty();
+            slot.status = match (&step.kind, record.leased) {
+                (_, true) => StepStatus::InFlight,
+                (StepKind::Action(_), false) if retrying => StepStatus::Retrying,
+                _ => StepStatus::Scheduled,
+            }
+            .into();
+            slot.attempts = if record.leased {
+                record.attempt
+            } else {
+                record.attempt.saturating_sub(1)
+            };
+            slot.due_at_ms = record.due_ms;
+            slot.detail = record.detail.clone();
+        }
+        Ok(v1::Run {
+            run_id: record.run_id,
+            playbook: record.playbook,
+            version: record.version,
+            contact_id: record.contact_id,
+            status: match record.status {
+                RunStatus::Active => ProtoRunStatus::Active,
+                RunStatus::Completed => ProtoRunStatus::Completed,
+                RunStatus::Failed => ProtoRunStatus::Failed,
+                RunStatus::Cancelled => ProtoRunStatus::Cancelled,
+            }
+            .into(),
+            current_step: match record.status {
+                RunStatus::Active => current.map(|s| s.id.clone()).unwrap_or_default(),
+                _ => String::new(),
+            },
+            created_at_ms: record.created_ms,
+            updated_at_ms: record.updated_ms,
+            trace_id: trace::trace_id(&record.traceparent)
+                .unwrap_or_default()
+                .to_owned(),
+            steps: records,
+        })
+    }
+
+    async fn load(&self, run_id: &str) -> Result<RunRecord, Status> {
+        self.store.get_run(run_id).await?.ok_or_else(|| {
+            Status::not_found(format!(
+                "run {run_id:?} not found (finished runs expire after the retention period)"
+            ))
+        })
+    }
+}
+
+fn status_word(status: ProtoRunStatus) -> Option<RunStatus> {
+    match status {
+        ProtoRunStatus::Unspecified => None,
+        ProtoRunStatus::Active => Some(RunStatus::Active),
+        ProtoRunStatus::Completed => Some(RunStatus::Completed),
+        ProtoRunStatus::Failed => Some(RunStatus::Failed),
+        ProtoRunStatus::Cancelled => Some(RunStatus::Cancelled),
+    }
+}
+
+/// Page tokens name the last run id returned and the filters they belong to.
+fn page_token(last: &str, playbook: &str, status: i32) -> String {
+    hex::encode(format!("{last}\n{playbook}\n{status}"))
+}
+
+fn parse_page_token(token: &str, playbook: &str, status: i32) -> Result<Option<String>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || {
+        invalid_field(
+            "page_token",
+            "not a token from a ListRuns response with these filters",
+        )
+    };
+    let text =
+        String::from_utf8(hex::decode(token).map_err(|_| invalid())?).map_err(|_| invalid())?;
+    let mut parts = text.split('\n');
+    let (last, token_playbook, token_status) = (parts.next(), parts.next(), parts.next());
+    match (last, token_playbook, token_status) {
+        (Some(last), Some(p), Some(s)) if p == playbook && s == status.to_string() => {
+            Ok(Some(last.to_owned()))
+        }
+        _ => Err(invalid()),
+    }
+}
+
+#[tonic::async_trait]
+impl RunService for RunApi {
+    async fn get_run(
+        &self,
+        request: Request<v1::GetRunRequest>,
+    ) -> Result<Response<v1::Run>, Status> {
+        let record = self.load(&request.into_inner().run_id).await?;
+        Ok(Response::new(self.to_proto(record).await?))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<v1::ListRunsRequest>,
+    ) -> Result<Response<v1::ListRunsResponse>, Status> {
+        let request = request.into_inner();
+        let status_filter = status_word(
+            ProtoRunStatus::try_from(request.status)
+                .map_err(|_| invalid_field("status", "unknown status"))?,
+        );
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        } as usize;
+        let names = if request.playbook.is_empty() {
+            self.store.playbook_names().await?
+        } else {
+            vec![request.playbook.clone()]
+        };
+        let mut cursor = parse_page_token(&request.page_token, &request.playbook, request.status)?;
+        let mut runs = Vec::new();
+        // Merge the per-playbook indexes newest first, skipping runs that expired or do
+        // not match, a bounded number of rounds per call.
+        for _round in 0..20 {
+            let mut candidates = Vec::new();
+            for name in &names {
+                for id in self
+                    .store
+                    .playbook_run_ids(name, cursor.as_deref(), page_size + 1)
+                    .await?
+                {
+                    candidates.push((id, name.clone()));
+                }
+            }
+            if candidates.is_empty() {
+                cursor = None;
+                break;
+            }
+            candidates.sort_by(|a, b| b.0.cmp(&a.0));
+            candidates.truncate(page_size + 1);
+            let ids: Vec<String> = candidates.iter().map(|(id, _)| id.clone()).collect();
+            let records = self.store.get_runs(&ids).await?;
+            let mut gone: Vec<(String, String)> = Vec::new();
+            for ((id, name), record) in candidates.into_iter().zip(records) {
+                cursor = Some(id.clone());
+                match record {
+                    None => gone.push((name, id)),
+                    Some(record) if status_filter.is_none_or(|s| s == record.status) => {
+                        if runs.len() == page_size {
+                            break;
+                        }
+                        runs.push(record);
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (name, id) in gone {
+                self.store.forget_runs(&name, &[id]).await?;
+            }
+            if runs.len() == page_size {
+                break;
+            }
+        }
+        let next_page_token = match (&cursor, runs.len() == page_size) {
+            (Some(_), true) => runs
+                .last()
+                .map(|r| page_token(&r.run_id, &request.playbook, request.status))
+                .unwrap_or_default(),
+            (Some(last), false) => page_token(last, &request.playbook, request.status),
+            (None, _) => String::new(),
+        };
+        let mut out = Vec::with_capacity(runs.len());
+        for record in runs {
+            out.push(self.to_proto(record).await?);
+        }
+        Ok(Response::new(v1::ListRunsResponse {
+            runs: out,
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_run(
+        &self,
+        request: Request<v1::CancelRunRequest>,
+    ) -> Result<Response<v1::Run>, Status> {
+        let run_id = request.into_inner().run_id;
+        let record = self.load(&run_id).await?;
+        let now = now_ms();
+        let entry = TimelineEntry {
+            index: record.step_index,
+            outcome: StepOutcome::Cancelled,
+            attempts: record.attempt.saturating_sub(u32::from(!record.leased)),
+            due_ms: record.due_ms,
+            done_ms: now,
+            worker: String::new(),
+            channel: String::new(),
+            detail: "cancelled".to_owned(),
+        };
+        if !self.store.cancel(&run_id, now, &entry).await? {
+            return Err(Status::failed_precondition(format!(
+                "run {run_id:?} has already finished"
+            )));
+        }
+        tracing::info!(run_id = %run_id, "run cancelled");
+        let record = self.load(&run_id).await?;
+        Ok(Response::new(self.to_proto(record).await?))
+    }
+}

@@ -1,0 +1,107 @@
+//! `touchpoint.v1.WorkerService`: the long-lived stream each worker holds.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use touchpoint_proto::v1::{
+    SchedulerMessage, Welcome, WorkerMessage, scheduler_message, worker_message,
+    worker_service_server::WorkerService,
+};
+use tracing::{info, warn};
+
+use super::status::invalid_field;
+use crate::engine::Engine;
+
+/// Most tasks one worker may ask to hold at once.
+const MAX_CAPACITY: u32 = 10_000;
+
+/// Accepts worker streams and feeds their results to the engine.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerApi {
+    engine: Arc<Engine>,
+}
+
+impl WorkerApi {
+    /// The service feeding `engine`.
+    pub(crate) fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+type TaskStream = Pin<Box<dyn Stream<Item = Result<SchedulerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    type AttachStream = TaskStream;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?;
+        let Some(WorkerMessage {
+            kind: Some(worker_message::Kind::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message on a worker stream must be Hello",
+            ));
+        };
+        if hello.worker_id.is_empty() {
+            return Err(invalid_field("hello.worker_id", "required"));
+        }
+        if hello.capacity == 0 || hello.capacity > MAX_CAPACITY {
+            return Err(invalid_field(
+                "hello.capacity",
+                format!("expected 1 to {MAX_CAPACITY}"),
+            ));
+        }
+        let capacity = usize::try_from(hello.capacity).unwrap_or(1);
+        // Room for every task the worker may hold plus the welcome.
+        let (sender, receiver) = mpsc::channel(capacity + 1);
+        let welcome = SchedulerMessage {
+            kind: Some(scheduler_message::Kind::Welcome(Welcome {
+                scheduler_id: self.engine.scheduler_id().to_owned(),
+            })),
+        };
+        sender
+            .send(Ok(welcome))
+            .await
+            .map_err(|_| Status::cancelled("worker went away"))?;
+        info!(worker = %hello.worker_id, channels = ?hello.channels, capacity = hello.capacity, "worker connected");
+        let worker_id = hello.worker_id.clone();
+        let connection =
+            self.engine
+                .workers()
+                .register(hello.worker_id, hello.channels, hello.capacity, sender);
+        self.engine.nudge();
+        let engine = Arc::clone(&self.engine);
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(WorkerMessage {
+                        kind: Some(worker_message::Kind::Result(result)),
+                    })) => {
+                        engine.on_result(connection, result);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        info!(worker = %worker_id, "worker disconnected");
+                        break;
+                    }
+                    Err(status) => {
+                        warn!(worker = %worker_id, error = %status.message(), "worker stream failed");
+                        break;
+                    }
+                }
+            }
+            engine.on_worker_gone(connection);
+            engine.nudge();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}

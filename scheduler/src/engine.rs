@@ -1,0 +1,602 @@
+//! The engine: durable timers and the step life cycle.
+//!
+//! One timer loop per scheduler walks the partitions whose next due time has come,
+//! claims their due steps in batches (`claim.lua`: expired leases go back to due, due
+//! runs move into the lease set under a fresh fencing token), and for each claimed run
+//! either settles it at once (a wait that elapsed, a step whose `if` is false, a step
+//! with no worker to take it) or hands it to a worker. Workers' results come back
+//! through [`Engine::on_result`] and are applied in batches per partition
+//! (`complete.lua`), which schedules the next step in the same atomic call.
+//!
+//! Nothing lives only in memory: a scheduler killed at any point leaves every run
+//! either due or leased in Redis, and leases expire back to due.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use touchpoint_proto::v1::{self, Outcome, SchedulerMessage, TaskResult, scheduler_message};
+use tracing::{debug, info, warn};
+
+use crate::{
+    clock::now_ms,
+    playbook::{Action, Playbook, RetryPolicy, StepKind},
+    playbook_cache::{LoadedPlaybook, PlaybookCache},
+    run::{Next, RunStatus, StepOutcome, TimelineEntry, idempotency_key, next_step, retry_delay},
+    store::{ClaimedRun, Completion, ContactRecord, Op, Store},
+    trace,
+    workers::{ConnectionId, NoWorker, Workers},
+};
+
+/// Tuning of the engine.
+#[derive(Debug, Clone)]
+pub(crate) struct EngineConfig {
+    pub scheduler_id: String,
+    /// How long a worker holds a step before it is handed out again.
+    pub lease: Duration,
+    /// Most steps claimed by one script call.
+    pub claim_batch: usize,
+    /// How often an idle partition is looked at anyway (writes by other schedulers).
+    pub poll_interval: Duration,
+}
+
+/// A step handed to a worker and not yet reported.
+#[derive(Debug)]
+struct InFlight {
+    connection: ConnectionId,
+    worker_id: String,
+    partition: u16,
+    fence: u64,
+    step_index: usize,
+    attempt: u32,
+    due_ms: i64,
+    channel: String,
+    playbook: Arc<LoadedPlaybook>,
+}
+
+/// The timer loop, dispatch and outcome handling of one scheduler.
+#[derive(Debug)]
+pub(crate) struct Engine {
+    store: Store,
+    playbooks: Arc<PlaybookCache>,
+    workers: Workers,
+    config: EngineConfig,
+    /// When each partition should next be claimed from (ms); the timer loop sleeps
+    /// until the earliest and is woken early through `wake`.
+    next_check: Mutex<Vec<i64>>,
+    wake: Notify,
+    in_flight: Mutex<HashMap<String, InFlight>>,
+    completions: mpsc::UnboundedSender<(u16, Completion)>,
+}
+
+/// What to do with a claimed run.
+enum Decision {
+    Settle(Completion),
+    Deliver(Box<(InFlight, v1::Task)>),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Engine {
+    /// Starts the engine's background tasks; they stop when `shutdown` is cancelled.
+    pub(crate) fn start(
+        store: Store,
+        playbooks: Arc<PlaybookCache>,
+        config: EngineConfig,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let (completions, completion_rx) = mpsc::unbounded_channel();
+        let partitions = usize::from(store.partitions());
+        let engine = Arc::new(Self {
+            store,
+            playbooks,
+            workers: Workers::default(),
+            config,
+            next_check: Mutex::new(vec![0; partitions]),
+            wake: Notify::new(),
+            in_flight: Mutex::new(HashMap::new()),
+            completions,
+        });
+        tokio::spawn(Arc::clone(&engine).timer_loop(shutdown.clone()));
+        tokio::spawn(Arc::clone(&engine).completion_loop(completion_rx, shutdown));
+        engine
+    }
+
+    /// The connected workers.
+    pub(crate) fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
+    /// The scheduler's id, told to workers.
+    pub(crate) fn scheduler_id(&self) -> &str {
+        &self.config.scheduler_id
+    }
+
+    /// Makes the timer loop look at `partition` no later than `due_ms`.
+    pub(crate) fn schedule_check(&self, partition: u16, due_ms: i64) {
+        let mut next = lock(&self.next_check);
+        if let Some(slot) = next.get_mut(usize::from(partition))
+            && due_ms < *slot
+        {
+            *slot = due_ms;
+            drop(next);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Wakes the timer loop (e.g. a worker connected, so held-back steps can go).
+    pub(crate) fn nudge(&self) {
+        self.wake.notify_one();
+    }
+
+    async fn timer_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        info!(scheduler = %self.config.scheduler_id, "timer loop started");
+        loop {
+            let now = now_ms();
+            let due: Vec<u16> = lock(&self.next_check)
+                .iter()
+                .enumerate()
+                .filter(|(_, at)| **at <= now)
+                .filter_map(|(p, _)| u16::try_from(p).ok())
+                .collect();
+            for partition in due {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                let next = match self.claim_partition(partition).await {
+                    Ok(next) => next,
+                    Err(err) => {
+                        warn!(partition, error = %err, "claiming due steps failed; retrying in 1s");
+                        now_ms() + 1000
+                    }
+                };
+                lock(&self.next_check)[usize::from(partition)] = next;
+            }
+            let earliest = lock(&self.next_check)
+                .iter()
+                .copied()
+                .min()
+                .unwrap_or(i64::MAX);
+            let sleep_ms = (earliest - now_ms()).clamp(0, millis(self.config.poll_interval));
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(u64::try_from(sleep_ms).unwrap_or(0))) => {}
+            }
+        }
+    }
+
+    /// Claims one batch of `partition` and acts on it; returns when to look again.
+    async fn claim_partition(&self, partition: u16) -> crate::store::Result<i64> {
+        let now = now_ms();
+        let free = usize::try_from(self.workers.free_capacity()).unwrap_or(usize::MAX);
+        let limit = free.clamp(16, self.config.claim_batch.max(16));
+        let lease_ms = u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX);
+        let claim = self.store.claim(partition, now, limit, lease_ms).await?;
+        if claim.expired > 0 {
+            info!(
+                partition,
+                expired = claim.expired,
+                "leases expired; steps go out again"
+            );
+        }
+        let full_batch = claim.runs.len() >= limit;
+        let mut settled = Vec::new();
+        for run in claim.runs {
+            match self.decide(run, now).await {
+                Decision::Settle(completion) => settled.push(completion),
+                Decision::Deliver(delivery) => {
+                    let (in_flight, task) = *delivery;
+                    if let Some(completion) = self.deliver(in_flight, task, now) {
+                        settled.push(completion);
+                    }
+                }
+            }
+        }
+        let mut next = [claim.next_due_ms, claim.next_lease_ms]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(i64::MAX)
+            .min(now + millis(self.config.poll_interval));
+        for completion in &settled {
+            if let Op::Next { due_ms, .. } | Op::Retry { due_ms, .. } = completion.op {
+                next = next.min(due_ms);
+            }
+        }
+        self.store.complete(partition, now, &settled).await?;
+        Ok(if full_batch { now } else { next })
+    }
+
+    async fn decide(&self, run: ClaimedRun, now: i64) -> Decision {
+        let settle = |op: Op, detail: String, entry: Option<TimelineEntry>| {
+            Decision::Settle(Completion {
+                run_id: run.run_id.clone(),
+                fence: run.fence,
+                op,
+                detail,
+                entry,
+            })
+        };
+        let index = run.step_index;
+        let playbook = match self
+            .playbooks
+            .get(&self.store, &run.playbook, run.version)
+            .await
+        {
+            Ok(playbook) => playbook,
+            Err(err) => {
+                warn!(run_id = %run.run_id, error = %err, "cannot load the run's playbook");
+                let status = RunStatus::Failed;
+                return settle(Op::Finish { index, status }, err.to_string(), None);
+            }
+        };
+        let entry = |outcome, detail: &str| TimelineEntry {
+            index,
+            outcome,
+            attempts: run.attempt,
+            due_ms: run.due_ms,
+            done_ms: now,
+            worker: String::new(),
+            channel: String::new(),
+            detail: detail.to_owned(),
+        };
+        let Some(step) = playbook.playbook.steps.get(index) else {
+            let status = RunStatus::Completed;
+            return settle(Op::Finish { index, status }, String::new(), None);
+        };
+        let action = match &step.kind {
+            StepKind::Wait { .. } => {
+                let op = advance(&playbook.playbook, index, now);
+                return settle(op, String::new(), Some(entry(StepOutcome::Done, "")));
+            }
+            StepKind::Action(action) => action,
+        };
+        if run.attempt > action.retry.max_attempts {
+            let detail = format!(
+                "gave up after {} attempts (lease expired)",
+                action.retry.max_attempts
+            );
+            let op = Op::Finish {
+                index,
+                status: RunStatus::Failed,
+            };
+            return settle(
+                op,
+                detail.clone(),
+                Some(entry(StepOutcome::Failed, &detail)),
+            );
+        }
+        let ctx = TemplateContext {
+            contact: &run.contact,
+            params: &action.params,
+        };
+        match playbook.compiled.condition_holds(index, &ctx) {
+            Ok(true) => {}
+            Ok(false) => {
+                let op = advance(&playbook.playbook, index + 1, now);
+                let skipped = entry(StepOutcome::Skipped, "if was false");
+                return settle(op, String::new(), Some(skipped));
+            }
+            Err(err) => {
+                let detail = format!("if: {err}");
+                let op = Op::Finish {
+                    index,
+                    status: RunStatus::Failed,
+                };
+                return settle(
+                    op,
+                    detail.clone(),
+                    Some(entry(StepOutcome::Failed, &detail)),
+                );
+            }
+        }
+        let message = match playbook.compiled.render(index, &ctx) {
+            Ok(message) => message.unwrap_or_default(),
+            Err(err) => {
+                let detail = format!("template: {err}");
+                let op = Op::Finish {
+                    index,
+                    status: RunStatus::Failed,
+                };
+                return settle(
+                    op,
+                    detail.clone(),
+                    Some(entry(StepOutcome::Failed, &detail)),
+                );
+            }
+        };
+        let task = build_task(
+            &run,
+            &step.id,
+            action,
+            message,
+            now + millis(self.config.lease),
+        );
+        let in_flight = InFlight {
+            connection: 0,
+            worker_id: String::new(),
+            partition: run.partition,
+            fence: run.fence,
+            step_index: index,
+            attempt: run.attempt,
+            due_ms: run.due_ms,
+            channel: action.channel.clone(),
+            playbook,
+        };
+        Decision::Deliver(Box::new((in_flight, task)))
+    }
+
+    /// Hands a task to a worker, or returns the completion that puts it back in due.
+    fn deliver(&self, mut in_flight: InFlight, task: v1::Task, now: i64) -> Option<Completion> {
+        let hold_back = |detail: String, delay_ms: i64| Completion {
+            run_id: task.run_id.clone(),
+            fence: task.fencing_token,
+            op: Op::Retry {
+                index: in_flight.step_index,
+                due_ms: now + delay_ms,
+                attempt: in_flight.attempt,
+            },
+            detail,
+            entry: None,
+        };
+        let (connection, worker_id, sender) = match self.workers.reserve(&task.channel) {
+            Ok(reserved) => reserved,
+            Err(NoWorker::ForChannel) => {
+                debug!(channel = %task.channel, "no connected worker serves the channel");
+                let detail = format!(
+                    "waiting for a worker that serves channel {:?}",
+                    task.channel
+                );
+                return Some(hold_back(detail, 2000));
+            }
+            Err(NoWorker::AllBusy) => {
+                let detail = format!("waiting for a free worker on channel {:?}", task.channel);
+                return Some(hold_back(detail, 250));
+            }
+        };
+        in_flight.connection = connection;
+        in_flight.worker_id = worker_id;
+        let run_id = task.run_id.clone();
+        debug!(run_id = %run_id, step = %task.step_id, channel = %task.channel, attempt = task.attempt, "dispatching");
+        let message = SchedulerMessage {
+            kind: Some(scheduler_message::Kind::Task(task)),
+        };
+        lock(&self.in_flight).insert(run_id.clone(), in_flight);
+        if sender.try_send(Ok(message)).is_err() {
+            // The worker's stream is gone or full; take the step back.
+            let in_flight = lock(&self.in_flight).remove(&run_id)?;
+            self.workers.release(connection);
+            return Some(Completion {
+                run_id,
+                fence: in_flight.fence,
+                op: Op::Retry {
+                    index: in_flight.step_index,
+                    due_ms: now + 250,
+                    attempt: in_flight.attempt,
+                },
+                detail: "worker stream unavailable".to_owned(),
+                entry: None,
+            });
+        }
+        None
+    }
+
+    /// Applies a worker's report on a task it held.
+    pub(crate) fn on_result(&self, connection: ConnectionId, result: TaskResult) {
+        let in_flight = {
+            let mut map = lock(&self.in_flight);
+            match map.get(&result.run_id) {
+                Some(f) if f.fence == result.fencing_token && f.connection == connection => {
+                    map.remove(&result.run_id)
+                }
+                _ => None,
+            }
+        };
+        let Some(in_flight) = in_flight else {
+            debug!(run_id = %result.run_id, "result for a task this scheduler no longer holds; ignored");
+            return;
+        };
+        self.workers.release(connection);
+        let outcome = Outcome::try_from(result.outcome).unwrap_or(Outcome::Permanent);
+        let retry_after =
+            (result.retry_after_ms > 0).then(|| Duration::from_millis(result.retry_after_ms));
+        self.finish_attempt(
+            result.run_id,
+            in_flight,
+            outcome,
+            result.detail,
+            retry_after,
+        );
+    }
+
+    /// A worker's stream ended: every step it held is retried as a failed attempt.
+    pub(crate) fn on_worker_gone(&self, connection: ConnectionId) {
+        self.workers.remove(connection);
+        let held: Vec<(String, InFlight)> = {
+            let mut map = lock(&self.in_flight);
+            let ids: Vec<String> = map
+                .iter()
+                .filter(|(_, f)| f.connection == connection)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| map.remove_entry(&id))
+                .collect()
+        };
+        for (run_id, in_flight) in held {
+            let detail = format!(
+                "worker {} disconnected during delivery",
+                in_flight.worker_id
+            );
+            self.finish_attempt(run_id, in_flight, Outcome::Retryable, detail, None);
+        }
+    }
+
+    fn finish_attempt(
+        &self,
+        run_id: String,
+        f: InFlight,
+        outcome: Outcome,
+        detail: String,
+        retry_after: Option<Duration>,
+    ) {
+        let now = now_ms();
+        let policy: RetryPolicy =
+            match &f.playbook.playbook.steps.get(f.step_index).map(|s| &s.kind) {
+                Some(StepKind::Action(action)) => action.retry,
+                _ => RetryPolicy::default(),
+            };
+        let entry = |outcome, detail: String| TimelineEntry {
+            index: f.step_index,
+            outcome,
+            attempts: f.attempt,
+            due_ms: f.due_ms,
+            done_ms: now,
+            worker: f.worker_id.clone(),
+            channel: f.channel.clone(),
+            detail,
+        };
+        let failed = |detail: String| {
+            (
+                Op::Finish {
+                    index: f.step_index,
+                    status: RunStatus::Failed,
+                },
+                Some(entry(StepOutcome::Failed, detail)),
+            )
+        };
+        let (op, entry) = match outcome {
+            Outcome::Ok => (
+                advance(&f.playbook.playbook, f.step_index + 1, now),
+                Some(entry(StepOutcome::Done, detail.clone())),
+            ),
+            Outcome::Retryable if f.attempt < policy.max_attempts => {
+                let delay = retry_delay(&policy, f.attempt, retry_after);
+                let op = Op::Retry {
+                    index: f.step_index,
+                    due_ms: now + millis(delay),
+                    attempt: f.attempt + 1,
+                };
+                (op, None)
+            }
+            Outcome::Retryable => failed(format!("gave up after {} attempts: {detail}", f.attempt)),
+            Outcome::Permanent | Outcome::Unspecified => failed(detail.clone()),
+        };
+        info!(run_id = %run_id, step = f.step_index, channel = %f.channel, attempt = f.attempt, outcome = outcome.as_str_name(), "step attempt finished");
+        let completion = Completion {
+            run_id,
+            fence: f.fence,
+            op,
+            detail: format!("attempt {}: {detail}", f.attempt),
+            entry,
+        };
+        // The receiver only goes away at shutdown, when leases take over.
+        let _ = self.completions.send((f.partition, completion));
+    }
+
+    /// Applies workers' outcomes in batches, one script call per partition.
+    async fn completion_loop(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<(u16, Completion)>,
+        shutdown: CancellationToken,
+    ) {
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                received = rx.recv_many(&mut batch, 512) => if received == 0 { return },
+            }
+            let mut by_partition: HashMap<u16, Vec<Completion>> = HashMap::new();
+            for (partition, completion) in batch.drain(..) {
+                by_partition.entry(partition).or_default().push(completion);
+            }
+            for (partition, completions) in by_partition {
+                let now = now_ms();
+                match self.store.complete(partition, now, &completions).await {
+                    Ok((_, stale)) => {
+                        if stale > 0 {
+                            info!(
+                                partition,
+                                stale, "outcomes under an expired or superseded lease were refused"
+                            );
+                        }
+                        for completion in &completions {
+                            if let Op::Next { due_ms, .. } | Op::Retry { due_ms, .. } =
+                                completion.op
+                            {
+                                self.schedule_check(partition, due_ms);
+                            }
+                        }
+                    }
+                    // The leases stay in Redis and expire back to due: nothing is lost.
+                    Err(err) => {
+                        warn!(partition, error = %err, count = completions.len(), "recording outcomes failed; their steps go out again when the leases expire")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The op that moves a run to step `index` (or ends it, completed).
+fn advance(playbook: &Playbook, index: usize, now: i64) -> Op {
+    match next_step(playbook, index, now) {
+        Next::Step { index, due_ms } => Op::Next { index, due_ms },
+        Next::Completed => Op::Finish {
+            index: playbook.steps.len(),
+            status: RunStatus::Completed,
+        },
+    }
+}
+
+/// Variables of templates and conditions.
+#[derive(serde::Serialize)]
+struct TemplateContext<'a> {
+    contact: &'a ContactRecord,
+    params: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+fn build_task(
+    run: &ClaimedRun,
+    step_id: &str,
+    action: &Action,
+    message: String,
+    deadline_ms: i64,
+) -> v1::Task {
+    let contact = &run.contact;
+    v1::Task {
+        run_id: run.run_id.clone(),
+        fencing_token: run.fence,
+        playbook: run.playbook.clone(),
+        version: run.version,
+        step_id: step_id.to_owned(),
+        action: action.action.clone(),
+        channel: action.channel.clone(),
+        attempt: run.attempt,
+        message,
+        params_json: serde_json::Value::Object(action.params.clone()).to_string(),
+        contact: Some(v1::Contact {
+            id: contact.id.clone(),
+            attrs: contact.attrs.clone().into_iter().collect(),
+            tags: contact.tags.clone(),
+            tz: contact.tz.clone(),
+            identities: contact.identities.clone().into_iter().collect(),
+        }),
+        idempotency_key: idempotency_key(&run.run_id, step_id),
+        traceparent: trace::child_of(&run.traceparent),
+        deadline_ms,
+    }
+}

@@ -1,0 +1,201 @@
+//! Runs: their states, timeline entries, how a run moves to its next step, and backoff.
+
+mod backoff;
+
+use serde::{Deserialize, Serialize};
+
+use crate::playbook::{Playbook, StepKind};
+
+pub use backoff::retry_delay;
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Active,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    /// The word stored in Redis.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Reads a stored status word.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "active" => Self::Active,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepOutcome {
+    Done,
+    Skipped,
+    Failed,
+    Cancelled,
+}
+
+/// One finished step in a run's timeline (stored as one JSON line in the run hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    /// Step index in the playbook version.
+    #[serde(rename = "i")]
+    pub index: usize,
+    #[serde(rename = "s")]
+    pub outcome: StepOutcome,
+    #[serde(rename = "a")]
+    pub attempts: u32,
+    #[serde(rename = "due")]
+    pub due_ms: i64,
+    #[serde(rename = "at")]
+    pub done_ms: i64,
+    #[serde(rename = "w", default, skip_serializing_if = "String::is_empty")]
+    pub worker: String,
+    #[serde(rename = "ch", default, skip_serializing_if = "String::is_empty")]
+    pub channel: String,
+    #[serde(rename = "d", default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl TimelineEntry {
+    /// The stored line.
+    pub fn to_line(&self) -> String {
+        // Serializing a struct of strings and numbers cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// What comes after a step: the next step due at a time, or the end of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Step { index: usize, due_ms: i64 },
+    Completed,
+}
+
+/// The step a run moves to when it arrives at `index` at `now_ms`: an action is due at
+/// once; a wait is "due" when it has elapsed (claiming it then completes it).
+pub fn next_step(playbook: &Playbook, index: usize, now_ms: i64) -> Next {
+    match playbook.steps.get(index) {
+        None => Next::Completed,
+        Some(step) => match &step.kind {
+            StepKind::Action(_) => Next::Step {
+                index,
+                due_ms: now_ms,
+            },
+            StepKind::Wait { duration } => Next::Step {
+                index,
+                due_ms: now_ms
+                    .saturating_add(i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)),
+            },
+        },
+    }
+}
+
+/// A new run id: a UUIDv7 (so ids sort by creation time) and the run's partition.
+pub fn new_run_id(partition: u16) -> String {
+    format!("{}-{partition}", uuid::Uuid::now_v7().simple())
+}
+
+/// The partition a run id names, if it is well formed for `partitions`.
+pub fn partition_of_run(run_id: &str, partitions: u16) -> Option<u16> {
+    let (uuid, partition) = run_id.rsplit_once('-')?;
+    if uuid.len() != 32 || !uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    partition.parse().ok().filter(|p| *p < partitions)
+}
+
+/// The partition of a contact: FNV-1a of its id, stable across versions and platforms.
+pub fn partition_of_contact(contact_id: &str, partitions: u16) -> u16 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in contact_id.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    u16::try_from(hash % u32::from(partitions.max(1))).unwrap_or(0)
+}
+
+/// The idempotency key of one step of one run: the same for every attempt.
+pub fn idempotency_key(run_id: &str, step_id: &str) -> String {
+    format!("{run_id}.{step_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::playbook::parse;
+
+    #[test]
+    fn run_ids_name_their_partition() {
+        let id = new_run_id(17);
+        assert_eq!(partition_of_run(&id, 256), Some(17));
+        assert_eq!(partition_of_run(&id, 16), None);
+        assert_eq!(partition_of_run("nonsense", 256), None);
+        assert_eq!(partition_of_run("zz-1", 256), None);
+    }
+
+    #[test]
+    fn contact_partition_is_stable_and_in_range() {
+        assert_eq!(
+            partition_of_contact("c-1001", 256),
+            partition_of_contact("c-1001", 256)
+        );
+        for id in ["", "a", "c-1001", "王芳"] {
+            assert!(partition_of_contact(id, 7) < 7);
+        }
+    }
+
+    #[test]
+    fn waits_are_due_when_elapsed_and_actions_at_once() {
+        let playbook = parse(
+            "name: p\nsteps:\n  - {id: a, action: send, channel: c}\n  - {id: w, wait: 2s}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            next_step(&playbook, 0, 1000),
+            Next::Step {
+                index: 0,
+                due_ms: 1000
+            }
+        );
+        assert_eq!(
+            next_step(&playbook, 1, 1000),
+            Next::Step {
+                index: 1,
+                due_ms: 3000
+            }
+        );
+        assert_eq!(next_step(&playbook, 2, 1000), Next::Completed);
+    }
+
+    #[test]
+    fn timeline_lines_round_trip() {
+        let entry = TimelineEntry {
+            index: 2,
+            outcome: StepOutcome::Done,
+            attempts: 3,
+            due_ms: 10,
+            done_ms: 20,
+            worker: "w1".into(),
+            channel: "wecom".into(),
+            detail: "HTTP 200".into(),
+        };
+        let back: TimelineEntry = serde_json::from_str(&entry.to_line()).unwrap();
+        assert_eq!(back, entry);
+    }
+}

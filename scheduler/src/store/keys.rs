@@ -1,0 +1,107 @@
+//! THE Redis key layout. Every key Touchpoint writes is built here.
+//!
+//! Keys about one contact carry their partition's hash tag `{pN}`, so every script
+//! that decides something about a contact or its runs touches one slot (atomic on a
+//! single Redis, legal on Redis Cluster). Global keys are few and used on their own.
+//! See `docs/redis-keys.md` for the writers, readers and lifetimes of each key.
+
+/// Builds key names under one prefix (default `tp`; tests use their own).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys under `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Hash: deployment facts (`partitions`). Written once at first start.
+    pub fn meta(&self) -> String {
+        format!("{}:meta", self.prefix)
+    }
+
+    /// Set of playbook names.
+    pub fn playbook_names(&self) -> String {
+        format!("{}:playbooks", self.prefix)
+    }
+
+    /// Hash: `latest` version, `digest` of the latest content, `v<N>` = stored version (JSON).
+    pub fn playbook(&self, name: &str) -> String {
+        format!("{}:playbook:{{{name}}}", self.prefix)
+    }
+
+    /// Sorted set (all scores 0, ordered by run id, which starts with a UUIDv7): the
+    /// runs of one playbook, for listing.
+    pub fn playbook_runs(&self, name: &str) -> String {
+        format!("{}:runs:{{{name}}}", self.prefix)
+    }
+
+    /// Hash tag prefix of every key of `partition`.
+    fn partition(&self, partition: u16) -> String {
+        format!("{}:{{p{partition}}}", self.prefix)
+    }
+
+    /// Sorted set: run id → when its current step is due (ms).
+    pub fn due(&self, partition: u16) -> String {
+        format!("{}:due", self.partition(partition))
+    }
+
+    /// Sorted set: run id → lease deadline (ms) of its handed-out step.
+    pub fn lease(&self, partition: u16) -> String {
+        format!("{}:lease", self.partition(partition))
+    }
+
+    /// Prefix of run hashes; the run id follows.
+    pub fn run_prefix(&self, partition: u16) -> String {
+        format!("{}:run:", self.partition(partition))
+    }
+
+    /// Prefix of contact hashes; the contact id follows.
+    pub fn contact_prefix(&self, partition: u16) -> String {
+        format!("{}:contact:", self.partition(partition))
+    }
+
+    /// String: enrollment request id → run id, expiring after a day.
+    pub fn enroll_request(&self, partition: u16, request_id: &str) -> String {
+        format!("{}:req:{request_id}", self.partition(partition))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hash tag of a key: the text between the first `{` and the next `}`.
+    fn hash_tag(key: &str) -> &str {
+        let start = key.find('{').unwrap() + 1;
+        let end = start + key[start..].find('}').unwrap();
+        &key[start..end]
+    }
+
+    #[test]
+    fn every_partition_key_shares_one_hash_tag() {
+        let keys = Keys::new("tp");
+        let p = 17;
+        let all = [
+            keys.due(p),
+            keys.lease(p),
+            format!("{}r1", keys.run_prefix(p)),
+            format!("{}c1", keys.contact_prefix(p)),
+            keys.enroll_request(p, "req"),
+        ];
+        for key in &all {
+            assert_eq!(hash_tag(key), "p17", "{key}");
+        }
+    }
+
+    #[test]
+    fn playbook_keys_are_tagged_by_name() {
+        let keys = Keys::new("tp");
+        assert_eq!(hash_tag(&keys.playbook("welcome")), "welcome");
+        assert_eq!(hash_tag(&keys.playbook_runs("welcome")), "welcome");
+    }
+}

@@ -1,0 +1,44 @@
+-- Claims due steps of one partition: returns expired leases to due (their attempt
+-- counted), then moves up to `limit` due runs into the lease set under a new fencing
+-- token and returns what the scheduler needs to act on them.
+-- KEYS[1] due set, KEYS[2] lease set
+-- ARGV[1] now ms, ARGV[2] limit, ARGV[3] lease ms, ARGV[4] run key prefix, ARGV[5] contact key prefix
+-- Returns {claimed, expired count, next due ms or '', next lease deadline or ''};
+-- each claimed entry is {run id, fence, playbook, version, contact id, step index,
+-- attempt, traceparent, due ms, contact field/value list}.
+local now = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local deadline = now + tonumber(ARGV[3])
+local runs = ARGV[4]
+
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+for _, id in ipairs(expired) do
+  if redis.call('EXISTS', runs .. id) == 1 then
+    redis.call('ZADD', KEYS[1], now, id)
+    redis.call('HINCRBY', runs .. id, 'a', 1)
+    redis.call('HSET', runs .. id, 'd', 'lease expired before the worker reported')
+  end
+end
+if #expired > 0 then
+  redis.call('ZREM', KEYS[2], unpack(expired))
+end
+
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+local claimed = {}
+for _, id in ipairs(ids) do
+  local key = runs .. id
+  local run = redis.call('HMGET', key, 'st', 'pb', 'v', 'c', 'i', 'a', 'tp', 'due')
+  if run[1] == 'active' then
+    local fence = redis.call('HINCRBY', key, 'f', 1)
+    redis.call('ZADD', KEYS[2], deadline, id)
+    local contact = redis.call('HGETALL', ARGV[5] .. run[4])
+    claimed[#claimed + 1] = {id, fence, run[2], run[3], run[4], run[5], run[6], run[7], run[8], contact}
+  end
+end
+if #ids > 0 then
+  redis.call('ZREM', KEYS[1], unpack(ids))
+end
+
+local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local next_lease = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+return {claimed, #expired, next_due[2] or '', next_lease[2] or ''}

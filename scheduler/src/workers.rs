@@ -1,0 +1,121 @@
+//! Connected workers: which channels each serves, how many tasks it holds, and the
+//! sender of its stream. Tasks go to the least-loaded worker serving their channel, and
+//! never beyond the capacity it announced (credit-based flow control).
+
+use std::{collections::HashMap, sync::Mutex};
+
+use tokio::sync::mpsc;
+use tonic::Status;
+use touchpoint_proto::v1::SchedulerMessage;
+
+/// The sending half of one worker's stream.
+pub(crate) type WorkerSender = mpsc::Sender<Result<SchedulerMessage, Status>>;
+
+/// Identifies one worker connection (a reconnecting worker gets a new one).
+pub(crate) type ConnectionId = u64;
+
+#[derive(Debug)]
+struct Worker {
+    worker_id: String,
+    channels: Vec<String>,
+    capacity: u32,
+    in_flight: u32,
+    sender: WorkerSender,
+}
+
+/// Why a task could not be placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoWorker {
+    /// No connected worker serves the channel.
+    ForChannel,
+    /// Every worker serving it is at capacity.
+    AllBusy,
+}
+
+/// The connected workers of this scheduler.
+#[derive(Debug, Default)]
+pub(crate) struct Workers {
+    inner: Mutex<Registry>,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    next_id: ConnectionId,
+    workers: HashMap<ConnectionId, Worker>,
+}
+
+impl Workers {
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // A panic while holding this lock cannot leave the map inconsistent.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds a worker that said Hello.
+    pub(crate) fn register(
+        &self,
+        worker_id: String,
+        channels: Vec<String>,
+        capacity: u32,
+        sender: WorkerSender,
+    ) -> ConnectionId {
+        let mut registry = self.registry();
+        registry.next_id += 1;
+        let id = registry.next_id;
+        registry.workers.insert(
+            id,
+            Worker {
+                worker_id,
+                channels,
+                capacity,
+                in_flight: 0,
+                sender,
+            },
+        );
+        id
+    }
+
+    /// Removes a worker whose stream ended.
+    pub(crate) fn remove(&self, connection: ConnectionId) {
+        self.registry().workers.remove(&connection);
+    }
+
+    /// Reserves a slot on the least-loaded worker serving `channel`.
+    pub(crate) fn reserve(
+        &self,
+        channel: &str,
+    ) -> Result<(ConnectionId, String, WorkerSender), NoWorker> {
+        let mut registry = self.registry();
+        let mut serving = registry
+            .workers
+            .iter_mut()
+            .filter(|(_, w)| w.channels.iter().any(|c| c == channel))
+            .peekable();
+        if serving.peek().is_none() {
+            return Err(NoWorker::ForChannel);
+        }
+        let (id, worker) = serving
+            .filter(|(_, w)| w.in_flight < w.capacity)
+            .min_by_key(|(_, w)| u64::from(w.in_flight) * 1_000_000 / u64::from(w.capacity.max(1)))
+            .ok_or(NoWorker::AllBusy)?;
+        worker.in_flight += 1;
+        Ok((*id, worker.worker_id.clone(), worker.sender.clone()))
+    }
+
+    /// Gives back a slot reserved with [`Self::reserve`].
+    pub(crate) fn release(&self, connection: ConnectionId) {
+        if let Some(worker) = self.registry().workers.get_mut(&connection) {
+            worker.in_flight = worker.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Free slots over all workers.
+    pub(crate) fn free_capacity(&self) -> u32 {
+        self.registry()
+            .workers
+            .values()
+            .map(|w| w.capacity.saturating_sub(w.in_flight))
+            .sum()
+    }
+}
