@@ -155,6 +155,9 @@ impl Engine {
                 if shutdown.is_cancelled() {
                     return;
                 }
+                // While the claim runs, a write through this scheduler may lower the
+                // slot again (schedule_check); keep the earlier of the two.
+                lock(&self.next_check)[usize::from(partition)] = i64::MAX;
                 let next = match self.claim_partition(partition).await {
                     Ok(next) => next,
                     Err(err) => {
@@ -162,7 +165,9 @@ impl Engine {
                         now_ms() + 1000
                     }
                 };
-                lock(&self.next_check)[usize::from(partition)] = next;
+                let mut next_check = lock(&self.next_check);
+                let slot = &mut next_check[usize::from(partition)];
+                *slot = (*slot).min(next);
             }
             let earliest = lock(&self.next_check)
                 .iter()

@@ -1,1 +1,111 @@
-//! x
+//! Touchpoint's worker: attaches to a scheduler and delivers the steps it is handed.
+//!
+//! - [`config`]: `worker.toml` ([`WorkerConfig`]), checked field by field; secrets are
+//!   read from the environment at load time and never printed.
+//! - [`channel`]: the adapter seam ([`channel::ChannelAdapter`], [`channel::Delivery`],
+//!   a self-classifying [`channel::Error`]), the [`channel::Registry`] of channel names,
+//!   and one folder per adapter kind: [`channel::log`], [`channel::webhook`].
+//! - `link`: the `WorkerService.Attach` stream to the scheduler: Hello, Tasks in,
+//!   TaskResults out, bounded concurrency, re-attach with backoff, drain on shutdown.
+//!
+//! [`run`] serves the binary, `tp dev` and tests alike; [`main_with_args`] adds the
+//! command line and the signal handling.
+
+pub mod channel;
+pub mod config;
+mod link;
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::{ChannelConfig, ChannelKind, WorkerConfig};
+
+/// The worker's command line; each flag also reads an environment variable.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "touchpoint-worker",
+    version,
+    about = "Delivers Touchpoint steps through channel adapters"
+)]
+pub struct WorkerArgs {
+    /// The worker configuration file.
+    #[arg(long, env = "TOUCHPOINT_WORKER_CONFIG", default_value = "worker.toml")]
+    pub config: PathBuf,
+    /// gRPC address of the scheduler; overrides `server` in the file.
+    #[arg(long, env = "TOUCHPOINT_SERVER")]
+    pub server: Option<String>,
+    /// Name shown in run timelines; overrides `worker_id` in the file.
+    #[arg(long, env = "TOUCHPOINT_WORKER_ID")]
+    pub worker_id: Option<String>,
+}
+
+/// Attaches to `config.server` and delivers steps until `shutdown` completes, then
+/// waits up to 10s for in-flight deliveries to report. Re-attaches by itself whenever
+/// the scheduler goes away; fails only on a configuration it cannot use.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let registry = channel::Registry::from_config(&config.channels)?;
+    let link = link::Link::new(&config, registry)?;
+    let stop = CancellationToken::new();
+    let serving = link.run(stop.clone());
+    tokio::pin!(serving);
+    tokio::select! {
+        () = &mut serving => {}
+        () = shutdown => {
+            stop.cancel();
+            serving.await;
+        }
+    }
+    info!("worker stopped");
+    Ok(())
+}
+
+/// The binary's body: loads the configuration, applies the command line's overrides and
+/// runs until SIGINT or SIGTERM. Does not set up logging.
+pub async fn main_with_args(args: WorkerArgs) -> anyhow::Result<()> {
+    let mut config = WorkerConfig::load(&args.config)
+        .with_context(|| format!("worker config {}", args.config.display()))?;
+    if let Some(server) = args.server {
+        config.server = server;
+    }
+    if let Some(worker_id) = args.worker_id {
+        config.worker_id = Some(worker_id);
+    }
+    run(config, shutdown_signal()).await
+}
+
+/// Completes on the first SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            warn!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                terminate.recv().await;
+            }
+            Err(error) => {
+                warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    info!("shutting down");
+}

@@ -1,0 +1,210 @@
+//! One delivery as one signed POST, and the answer classified: 2xx done, 429/5xx retry,
+//! any other status fails the step.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::{Response, StatusCode};
+use secrecy::ExposeSecret as _;
+use serde::Serialize;
+
+use super::{Config, signature};
+use crate::channel::{ChannelAdapter, Contact, Delivered, Delivery, Error};
+
+/// Characters of a rejecting receiver's answer kept in the step's detail.
+const DETAIL_BODY_CHARS: usize = 200;
+
+/// POSTs each delivery to the channel's URL with Standard Webhooks headers.
+#[derive(Debug)]
+pub struct WebhookAdapter {
+    config: Config,
+    http: reqwest::Client,
+}
+
+impl WebhookAdapter {
+    /// An adapter with its own connection pool.
+    pub fn new(config: Config) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            // Following a redirect would resend the delivery somewhere the channel does not name.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("touchpoint-worker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { config, http })
+    }
+}
+
+/// The JSON body SPEC's "Webhook channel" section shows.
+#[derive(Serialize)]
+struct Body<'a> {
+    run_id: &'a str,
+    playbook: &'a str,
+    version: u32,
+    step: &'a str,
+    action: &'a str,
+    attempt: u32,
+    contact: &'a Contact,
+    message: &'a str,
+    params: &'a serde_json::Value,
+}
+
+impl<'a> From<&'a Delivery> for Body<'a> {
+    fn from(delivery: &'a Delivery) -> Self {
+        Self {
+            run_id: &delivery.run_id,
+            playbook: &delivery.playbook,
+            version: delivery.version,
+            step: &delivery.step_id,
+            action: &delivery.action,
+            attempt: delivery.attempt,
+            contact: &delivery.contact,
+            message: &delivery.message,
+            params: &delivery.params,
+        }
+    }
+}
+
+#[async_trait]
+impl ChannelAdapter for WebhookAdapter {
+    async fn deliver(&self, delivery: &Delivery) -> Result<Delivered, Error> {
+        let body = serde_json::to_vec(&Body::from(delivery))
+            .map_err(|error| Error::permanent(format!("cannot encode the body: {error}")))?;
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |now| now.as_secs());
+        // `webhook-id` is the step's idempotency key, so every attempt carries the same one.
+        let id = &delivery.idempotency_key;
+        let mut request = self
+            .http
+            .post(self.config.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp.to_string());
+        if !delivery.traceparent.is_empty() {
+            request = request.header("traceparent", &delivery.traceparent);
+        }
+        if let Some(secret) = &self.config.secret {
+            let signature = signature::sign(secret.expose_secret(), id, timestamp, &body);
+            request = request.header("webhook-signature", signature);
+        }
+        let response = request
+            .body(body)
+            .send()
+            .await
+            .map_err(|error| transport_error(&error, self.config.timeout))?;
+        classify(response).await
+    }
+}
+
+async fn classify(response: Response) -> Result<Delivered, Error> {
+    let status = response.status();
+    let code = status.as_u16();
+    if status.is_success() {
+        return Ok(Delivered::new(format!("HTTP {code}")));
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        return Err(Error::Retryable {
+            detail: format!("HTTP {code}"),
+            retry_after: retry_after(response.headers(), SystemTime::now()),
+        });
+    }
+    let excerpt = body_excerpt(response).await;
+    Err(Error::permanent(if excerpt.is_empty() {
+        format!("HTTP {code}")
+    } else {
+        format!("HTTP {code}: {excerpt}")
+    }))
+}
+
+/// `Retry-After` as delta-seconds or as an HTTP-date (a date in the past means now).
+fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The first [`DETAIL_BODY_CHARS`] characters of the answer, on one line. Reads only
+/// what it needs, however large the answer.
+async fn body_excerpt(mut response: Response) -> String {
+    // A character is at most 4 bytes in UTF-8.
+    let wanted = DETAIL_BODY_CHARS * 4;
+    let mut bytes = Vec::new();
+    while bytes.len() < wanted {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let excerpt: String = String::from_utf8_lossy(&bytes)
+        .chars()
+        .take(DETAIL_BODY_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    excerpt.trim().to_owned()
+}
+
+/// A request that got no answer: worth retrying, unless it could not even be built.
+/// The detail names the cause only (never the URL, which may carry a token).
+fn transport_error(error: &reqwest::Error, timeout: Duration) -> Error {
+    if error.is_builder() {
+        Error::permanent(format!("invalid request: {}", root_cause(error)))
+    } else if error.is_timeout() {
+        Error::retryable(format!(
+            "timeout after {}",
+            humantime::format_duration(timeout)
+        ))
+    } else if error.is_connect() {
+        Error::retryable(format!("connect error: {}", root_cause(error)))
+    } else {
+        Error::retryable(format!("request failed: {}", root_cause(error)))
+    }
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+
+    use super::*;
+
+    fn headers(retry_after_value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_str(retry_after_value).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2026 07:28:00 GMT").unwrap();
+        assert_eq!(
+            retry_after(&headers("120"), now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            retry_after(&headers("Wed, 21 Oct 2026 07:28:30 GMT"), now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after(&headers("Wed, 21 Oct 2026 07:00:00 GMT"), now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&headers("soon"), now), None);
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+}

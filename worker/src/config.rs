@@ -1,0 +1,283 @@
+//! `worker.toml`: read, checked field by field, secrets resolved at load time.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::channel::webhook;
+
+/// The scheduler a worker attaches to when the file names none.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+/// Deliveries in flight at once when the file does not say.
+pub const DEFAULT_CONCURRENCY: u32 = 256;
+
+/// A worker's configuration: the scheduler to attach to and the channels to serve.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// gRPC address of the scheduler, e.g. `http://127.0.0.1:50051`.
+    pub server: String,
+    /// Most deliveries in flight at once; announced to the scheduler as the capacity.
+    pub concurrency: u32,
+    /// Name shown in run timelines; `None` means `<hostname>-<pid>`.
+    pub worker_id: Option<String>,
+    /// The channels this worker serves, in file order.
+    pub channels: Vec<ChannelConfig>,
+}
+
+/// One `[[channel]]` table.
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    /// The name playbooks use (`channel: crm`).
+    pub name: String,
+    /// The adapter behind the name, with its settings.
+    pub kind: ChannelKind,
+}
+
+/// The adapter behind a channel, with its settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ChannelKind {
+    /// Prints each delivery on stdout.
+    Log,
+    /// POSTs each delivery to a URL, signed with Standard Webhooks.
+    Webhook(webhook::Config),
+}
+
+/// What is wrong with a configuration, naming the field and what was expected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read the file: {0}")]
+    Read(std::io::Error),
+    /// The text is not TOML.
+    #[error("line {line}: {message}")]
+    Syntax {
+        /// 1-based line of the problem.
+        line: usize,
+        /// What the TOML parser expected.
+        message: String,
+    },
+    /// A field is missing, unknown, or holds a bad value.
+    #[error("{field}: {problem}")]
+    Field {
+        /// Path of the field, e.g. `channel[1].url`.
+        field: String,
+        /// What is wrong and what was expected.
+        problem: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn field(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::Field {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn from_toml(text: &str, error: &toml::de::Error) -> Self {
+        let offset = error.span().map_or(0, |span| span.start);
+        let line = text
+            .get(..offset)
+            .map_or(1, |before| before.lines().count().max(1));
+        Self::Syntax {
+            line,
+            message: error.message().trim_end().to_owned(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Parses `worker.toml` text. `env` looks up environment variables (for `secret_env`),
+    /// so tests pass a map instead of touching the process environment.
+    pub fn from_toml(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        let document =
+            toml::Deserializer::parse(text).map_err(|error| Error::from_toml(text, &error))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(document).map_err(|error| {
+            let field = error.path().to_string();
+            let error = error.into_inner();
+            if field == "." {
+                Error::from_toml(text, &error)
+            } else {
+                Error::field(field, error.message().trim_end())
+            }
+        })?;
+        raw.validate(&env)
+    }
+
+    /// Reads and parses a `worker.toml` file, resolving secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(Error::Read)?;
+        Self::from_toml(&text, |name| std::env::var(name).ok())
+    }
+
+    /// A worker serving each named channel with the `log` adapter (used by `tp dev`).
+    pub fn console(server: &str, channel_names: &[&str]) -> Self {
+        Self {
+            server: server.to_owned(),
+            concurrency: DEFAULT_CONCURRENCY,
+            worker_id: None,
+            channels: channel_names
+                .iter()
+                .map(|name| ChannelConfig {
+                    name: (*name).to_owned(),
+                    kind: ChannelKind::Log,
+                })
+                .collect(),
+        }
+    }
+
+    /// The configured worker id, or `<hostname>-<pid>` (`worker-<pid>` without a hostname).
+    pub fn resolved_worker_id(&self) -> String {
+        if let Some(id) = &self.worker_id {
+            return id.clone();
+        }
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let host = if host.is_empty() { "worker" } else { &host };
+        format!("{host}-{}", std::process::id())
+    }
+}
+
+/// The file as written; [`RawConfig::validate`] turns it into a [`WorkerConfig`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: Option<String>,
+    concurrency: Option<u32>,
+    worker_id: Option<String>,
+    #[serde(default)]
+    channel: Vec<RawChannel>,
+}
+
+/// One `[[channel]]` as written: every kind's settings, checked against the kind later.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawChannel {
+    name: Option<String>,
+    kind: Option<String>,
+    pub(crate) url: Option<String>,
+    pub(crate) secret_env: Option<String>,
+    pub(crate) timeout: Option<String>,
+}
+
+impl RawConfig {
+    fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<WorkerConfig, Error> {
+        let server = self.server.unwrap_or_else(|| DEFAULT_SERVER.to_owned());
+        check_http_url("server", &server)?;
+        let concurrency = self.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+        if concurrency == 0 {
+            return Err(Error::field("concurrency", "expected at least 1, got 0"));
+        }
+        if self
+            .worker_id
+            .as_deref()
+            .is_some_and(|id| id.trim().is_empty())
+        {
+            return Err(Error::field(
+                "worker_id",
+                "expected a name, got an empty string",
+            ));
+        }
+        if self.channel.is_empty() {
+            return Err(Error::field(
+                "channel",
+                "expected at least one [[channel]] table",
+            ));
+        }
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut channels = Vec::with_capacity(self.channel.len());
+        for (index, raw) in self.channel.into_iter().enumerate() {
+            let at = format!("channel[{index}]");
+            let channel = raw.validate(&at, env)?;
+            if let Some(first) = seen.insert(channel.name.clone(), index) {
+                return Err(Error::field(
+                    format!("{at}.name"),
+                    format!(
+                        "duplicate channel name {:?} (also channel[{first}])",
+                        channel.name
+                    ),
+                ));
+            }
+            channels.push(channel);
+        }
+        Ok(WorkerConfig {
+            server,
+            concurrency,
+            worker_id: self.worker_id,
+            channels,
+        })
+    }
+}
+
+impl RawChannel {
+    fn validate(
+        self,
+        at: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ChannelConfig, Error> {
+        let name = match self.name.as_deref().map(str::trim) {
+            None => return Err(Error::field(format!("{at}.name"), "required")),
+            Some("") => {
+                return Err(Error::field(
+                    format!("{at}.name"),
+                    "expected a name, got an empty string",
+                ));
+            }
+            Some(name) => name.to_owned(),
+        };
+        let kind = match self.kind.as_deref() {
+            None => {
+                return Err(Error::field(
+                    format!("{at}.kind"),
+                    "required (supported: log, webhook)",
+                ));
+            }
+            Some("log") => {
+                self.reject_settings(at, "log")?;
+                ChannelKind::Log
+            }
+            Some("webhook") => ChannelKind::Webhook(webhook::Config::from_raw(&self, at, env)?),
+            Some(other) => {
+                return Err(Error::field(
+                    format!("{at}.kind"),
+                    format!("unsupported kind {other:?} (supported: log, webhook)"),
+                ));
+            }
+        };
+        Ok(ChannelConfig { name, kind })
+    }
+
+    /// Fails on the first setting the kind takes no part of.
+    fn reject_settings(&self, at: &str, kind: &str) -> Result<(), Error> {
+        let settings = [
+            ("url", self.url.is_some()),
+            ("secret_env", self.secret_env.is_some()),
+            ("timeout", self.timeout.is_some()),
+        ];
+        match settings.iter().find(|(_, present)| *present) {
+            Some((setting, _)) => Err(Error::field(
+                format!("{at}.{setting}"),
+                format!("not allowed for kind {kind:?}"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Checks that `value` is an absolute `http://` or `https://` URL.
+pub(crate) fn check_http_url(field: &str, value: &str) -> Result<reqwest::Url, Error> {
+    reqwest::Url::parse(value)
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https"))
+        .ok_or_else(|| {
+            Error::field(
+                field,
+                format!("expected an http:// or https:// URL, got {value:?}"),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,484 @@
+//! The scheduler link: one long-lived `WorkerService.Attach` stream, re-attached forever.
+//!
+//! The worker says Hello (id, channels, capacity), waits for Welcome, then receives
+//! Tasks and answers each with a TaskResult. Every Task runs in its own tokio task,
+//! bounded by a semaphore of `concurrency` slots, so a slow receiver never holds up
+//! the stream. Prost types stop here: adapters see [`Delivery`].
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use rand::Rng as _;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::{JoinError, JoinSet};
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+use tonic::transport::Endpoint;
+use touchpoint_proto::v1::worker_service_client::WorkerServiceClient;
+use touchpoint_proto::v1::{
+    self as pb, Hello, Outcome, SchedulerMessage, Task, TaskResult, WorkerMessage,
+    scheduler_message, worker_message,
+};
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
+
+use crate::WorkerConfig;
+use crate::channel::{self, Contact, Delivered, Delivery, Registry};
+
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the scheduler may take to answer Hello.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for in-flight deliveries to report.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A worker's side of the stream: what it announces and what it delivers with.
+#[derive(Debug)]
+pub(crate) struct Link {
+    endpoint: Endpoint,
+    hello: Hello,
+    registry: Registry,
+    /// One permit per delivery in flight; shared by every stream so that re-attaching
+    /// while old deliveries still run never exceeds `concurrency`.
+    slots: Arc<Semaphore>,
+}
+
+/// An open stream: results go out through `results`, tasks come in on `tasks`.
+struct Attached {
+    results: mpsc::UnboundedSender<WorkerMessage>,
+    tasks: Streaming<SchedulerMessage>,
+}
+
+impl Link {
+    pub(crate) fn new(config: &WorkerConfig, registry: Registry) -> anyhow::Result<Self> {
+        let endpoint = Endpoint::from_shared(config.server.clone())
+            .with_context(|| format!("invalid server address {:?}", config.server))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            // Notices a scheduler that vanished without closing the connection.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let hello = Hello {
+            worker_id: config.resolved_worker_id(),
+            channels: registry.names(),
+            capacity: config.concurrency,
+        };
+        Ok(Self {
+            endpoint,
+            hello,
+            registry,
+            slots: Arc::new(Semaphore::new(config.concurrency as usize)),
+        })
+    }
+
+    /// Attaches and serves tasks, re-attaching with backoff whenever the stream ends,
+    /// until `shutdown`; then waits (bounded) for in-flight deliveries to report.
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
+        info!(
+            worker_id = %self.hello.worker_id,
+            channels = ?self.hello.channels,
+            capacity = self.hello.capacity,
+            "worker starting"
+        );
+        // Deliveries live here, not in the stream, so they survive a re-attach; dropping
+        // the set (when `run` is dropped) aborts whatever still runs.
+        let mut deliveries = JoinSet::new();
+        let mut backoff = Backoff::default();
+        loop {
+            let attached = tokio::select! {
+                () = shutdown.cancelled() => break,
+                attached = self.attach() => attached,
+            };
+            let lost = match attached {
+                Ok(mut attached) => {
+                    backoff.reset();
+                    match self.serve(&mut attached, &mut deliveries, &shutdown).await {
+                        Ok(()) => {
+                            // The stream is still open, so results still reach the scheduler.
+                            drain(&mut deliveries).await;
+                            return;
+                        }
+                        Err(lost) => lost,
+                    }
+                }
+                Err(error) => error,
+            };
+            let delay = backoff.next_delay();
+            warn!(
+                error = %describe_error(&lost),
+                retry_in_ms = delay.as_millis(),
+                "scheduler link down; re-attaching"
+            );
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+        drain(&mut deliveries).await;
+    }
+
+    /// Connects, sends Hello and waits for Welcome.
+    async fn attach(&self) -> anyhow::Result<Attached> {
+        let channel = self
+            .endpoint
+            .connect()
+            .await
+            .context("cannot connect to the scheduler")?;
+        let mut client = WorkerServiceClient::new(channel)
+            .max_decoding_message_size(touchpoint_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(touchpoint_proto::MAX_MESSAGE_BYTES);
+        // Unbounded: at most `concurrency` results wait in it, and a delivery must never
+        // block on a stream that is going away.
+        let (results, outbox) = mpsc::unbounded_channel();
+        let hello = WorkerMessage {
+            kind: Some(worker_message::Kind::Hello(self.hello.clone())),
+        };
+        let outgoing = tokio_stream::iter([hello]).chain(UnboundedReceiverStream::new(outbox));
+        let mut tasks = client
+            .attach(outgoing)
+            .await
+            .map_err(|status| anyhow::anyhow!("attach refused: {}", describe(&status)))?
+            .into_inner();
+        let first = tokio::time::timeout(WELCOME_TIMEOUT, tasks.message())
+            .await
+            .context("no Welcome from the scheduler")?
+            .map_err(|status| anyhow::anyhow!("stream failed: {}", describe(&status)))?;
+        match first.and_then(|message| message.kind) {
+            Some(scheduler_message::Kind::Welcome(welcome)) => {
+                info!(scheduler_id = %welcome.scheduler_id, "attached to the scheduler");
+                Ok(Attached { results, tasks })
+            }
+            Some(scheduler_message::Kind::Task(_)) => bail!("expected Welcome, got a Task"),
+            None => bail!("the scheduler closed the stream before Welcome"),
+        }
+    }
+
+    /// Starts a delivery for each task until the stream ends (an error) or shutdown (`Ok`).
+    async fn serve(
+        &self,
+        attached: &mut Attached,
+        deliveries: &mut JoinSet<()>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        loop {
+            tokio::select! {
+                // Tasks sent from now on stay unread; the scheduler hands them out
+                // again when their leases expire.
+                () = shutdown.cancelled() => return Ok(()),
+                Some(finished) = deliveries.join_next(), if !deliveries.is_empty() => {
+                    report_panic(finished);
+                }
+                message = attached.tasks.message() => match message {
+                    Ok(Some(SchedulerMessage { kind: Some(scheduler_message::Kind::Task(task)) })) => {
+                        self.start(task, &attached.results, deliveries);
+                    }
+                    Ok(Some(_)) => debug!("ignoring a scheduler message that is not a Task"),
+                    Ok(None) => bail!("the scheduler closed the stream"),
+                    Err(status) => bail!("stream failed: {}", describe(&status)),
+                },
+            }
+        }
+    }
+
+    /// Runs one task in its own tokio task and sends its result on `results`.
+    fn start(
+        &self,
+        task: Task,
+        results: &mpsc::UnboundedSender<WorkerMessage>,
+        deliveries: &mut JoinSet<()>,
+    ) {
+        let span = info_span!(
+            "deliver",
+            run_id = %task.run_id,
+            step = %task.step_id,
+            channel = %task.channel,
+            attempt = task.attempt,
+        );
+        let adapter = self.registry.get(&task.channel).cloned();
+        let slots = Arc::clone(&self.slots);
+        let results = results.clone();
+        let delivery = async move {
+            // The semaphore is never closed, so this only waits for a free slot.
+            let Ok(_slot) = slots.acquire_owned().await else {
+                return;
+            };
+            let (run_id, fencing_token) = (task.run_id.clone(), task.fencing_token);
+            let outcome = match adapter {
+                Some(adapter) => adapter.deliver(&delivery_from_task(task)).await,
+                None => Err(channel::Error::permanent(format!(
+                    "channel {} is not configured on this worker",
+                    task.channel
+                ))),
+            };
+            log_outcome(&outcome);
+            let result = WorkerMessage {
+                kind: Some(worker_message::Kind::Result(task_result(
+                    run_id,
+                    fencing_token,
+                    &outcome,
+                ))),
+            };
+            // The stream this task came on is gone: the result is dropped, and the
+            // scheduler hands the step out again when its lease expires.
+            if results.send(result).is_err() {
+                debug!("stream closed before the result could be sent; result dropped");
+            }
+        };
+        deliveries.spawn(delivery.instrument(span));
+    }
+}
+
+/// The wire task as adapters see it. Params that are not a JSON object become `{}`.
+fn delivery_from_task(task: Task) -> Delivery {
+    let params = match serde_json::from_str::<serde_json::Value>(&task.params_json) {
+        Ok(params @ serde_json::Value::Object(_)) => params,
+        _ => {
+            if !task.params_json.trim().is_empty() {
+                warn!("params_json is not a JSON object; delivering empty params");
+            }
+            serde_json::Value::Object(serde_json::Map::new())
+        }
+    };
+    let contact = task.contact.map(contact_from_wire).unwrap_or_default();
+    let deadline = u64::try_from(task.deadline_ms)
+        .ok()
+        .filter(|ms| *ms > 0)
+        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+    Delivery {
+        run_id: task.run_id,
+        playbook: task.playbook,
+        version: task.version,
+        step_id: task.step_id,
+        action: task.action,
+        channel: task.channel,
+        attempt: task.attempt,
+        message: task.message,
+        params,
+        contact,
+        idempotency_key: task.idempotency_key,
+        traceparent: task.traceparent,
+        deadline,
+    }
+}
+
+fn contact_from_wire(contact: pb::Contact) -> Contact {
+    Contact {
+        id: contact.id,
+        attrs: contact.attrs.into_iter().collect(),
+        tags: contact.tags,
+        tz: contact.tz,
+        identities: contact.identities.into_iter().collect(),
+    }
+}
+
+fn task_result(
+    run_id: String,
+    fencing_token: u64,
+    outcome: &Result<Delivered, channel::Error>,
+) -> TaskResult {
+    let (outcome, detail, retry_after) = match outcome {
+        Ok(delivered) => (Outcome::Ok, delivered.detail.clone(), None),
+        Err(error) if error.is_retryable() => (
+            Outcome::Retryable,
+            error.detail().to_owned(),
+            error.retry_after(),
+        ),
+        Err(error) => (Outcome::Permanent, error.detail().to_owned(), None),
+    };
+    TaskResult {
+        run_id,
+        fencing_token,
+        outcome: outcome.into(),
+        detail,
+        retry_after_ms: retry_after.map_or(0, |wait| {
+            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
+        }),
+    }
+}
+
+/// One line per delivery, inside the `deliver` span (run, step, channel, attempt).
+fn log_outcome(outcome: &Result<Delivered, channel::Error>) {
+    match outcome {
+        Ok(delivered) => info!(outcome = "ok", detail = %delivered.detail, "delivered"),
+        Err(error) if error.is_retryable() => warn!(
+            outcome = "retryable",
+            detail = error.detail(),
+            retry_after_ms = error.retry_after().map(|wait| wait.as_millis()),
+            "delivery failed; the scheduler will retry"
+        ),
+        // No detail here: it may quote the receiver's answer, which can echo personal
+        // data. It goes to the run timeline instead (`tp run get`).
+        Err(_) => warn!(outcome = "permanent", "delivery failed for good"),
+    }
+}
+
+fn report_panic(finished: Result<(), JoinError>) {
+    if let Err(error) = finished
+        && error.is_panic()
+    {
+        error!(
+            "a delivery panicked; the scheduler hands its step out again when the lease expires"
+        );
+    }
+}
+
+/// Waits up to [`DRAIN_TIMEOUT`] for in-flight deliveries. Those still running then are
+/// aborted; the scheduler hands their steps out again when their leases expire.
+async fn drain(deliveries: &mut JoinSet<()>) {
+    if deliveries.is_empty() {
+        return;
+    }
+    info!(
+        in_flight = deliveries.len(),
+        "waiting for in-flight deliveries"
+    );
+    let all_finished = async {
+        while let Some(finished) = deliveries.join_next().await {
+            report_panic(finished);
+        }
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, all_finished)
+        .await
+        .is_err()
+    {
+        warn!(
+            in_flight = deliveries.len(),
+            "gave up waiting for in-flight deliveries"
+        );
+        deliveries.abort_all();
+    }
+}
+
+/// The error and its root cause, without the layers in between (tonic and hyper repeat
+/// themselves: "transport error: tcp connect error: tcp connect error: ...").
+fn describe_error(error: &anyhow::Error) -> String {
+    if error.chain().len() > 1 {
+        format!("{error}: {}", error.root_cause())
+    } else {
+        error.to_string()
+    }
+}
+
+fn describe(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// Re-attach delays: 100ms doubling up to 2s, each with up to half taken off at random
+/// so that workers of a restarted scheduler do not all come back at once.
+#[derive(Debug)]
+struct Backoff {
+    step: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn reset(&mut self) {
+        self.step = Self::FIRST;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (step * 2).min(Self::MAX);
+        step.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { step: Self::FIRST }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_two_seconds_with_jitter() {
+        let mut backoff = Backoff::default();
+        let steps = [100, 200, 400, 800, 1600, 2000, 2000];
+        for step in steps {
+            let delay = backoff.next_delay();
+            let step = Duration::from_millis(step);
+            assert!(delay >= step / 2 && delay <= step, "{delay:?} for {step:?}");
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    fn task(params_json: &str) -> Task {
+        Task {
+            run_id: "run-1".to_owned(),
+            fencing_token: 7,
+            playbook: "welcome-new-customer".to_owned(),
+            version: 3,
+            step_id: "coupon".to_owned(),
+            action: "send_message".to_owned(),
+            channel: "crm".to_owned(),
+            attempt: 2,
+            message: "欢迎".to_owned(),
+            params_json: params_json.to_owned(),
+            contact: Some(pb::Contact {
+                id: "c-1001".to_owned(),
+                attrs: HashMap::from([("name".to_owned(), "王芳".to_owned())]),
+                tags: vec!["paid".to_owned()],
+                tz: "Asia/Shanghai".to_owned(),
+                identities: HashMap::from([("wecom".to_owned(), "wmXXXX".to_owned())]),
+            }),
+            idempotency_key: "run-1:coupon".to_owned(),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+            deadline_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn a_task_becomes_a_delivery() {
+        let delivery = delivery_from_task(task(r#"{"coupon":"WELCOME10"}"#));
+        assert_eq!(delivery.params, serde_json::json!({"coupon": "WELCOME10"}));
+        assert_eq!(delivery.contact.attrs["name"], "王芳");
+        assert_eq!(delivery.contact.identities["wecom"], "wmXXXX");
+        assert_eq!(delivery.attempt, 2);
+        assert_eq!(delivery.idempotency_key, "run-1:coupon");
+        assert_eq!(
+            delivery.deadline,
+            Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_000))
+        );
+    }
+
+    #[test]
+    fn params_that_are_not_a_json_object_become_empty() {
+        for params_json in ["", "not json", "[1, 2]", "\"text\""] {
+            let delivery = delivery_from_task(task(params_json));
+            assert_eq!(delivery.params, serde_json::json!({}), "{params_json:?}");
+        }
+    }
+
+    #[test]
+    fn outcomes_become_task_results() {
+        let ok = task_result("run-1".to_owned(), 7, &Ok(Delivered::new("HTTP 200")));
+        assert_eq!(ok.outcome(), Outcome::Ok);
+        assert_eq!((ok.detail.as_str(), ok.fencing_token), ("HTTP 200", 7));
+
+        let busy = channel::Error::Retryable {
+            detail: "HTTP 503".to_owned(),
+            retry_after: Some(Duration::from_secs(7)),
+        };
+        let retry = task_result("run-1".to_owned(), 7, &Err(busy));
+        assert_eq!(retry.outcome(), Outcome::Retryable);
+        assert_eq!(retry.retry_after_ms, 7000);
+
+        let rejected = task_result(
+            "run-1".to_owned(),
+            7,
+            &Err(channel::Error::permanent("HTTP 400")),
+        );
+        assert_eq!(rejected.outcome(), Outcome::Permanent);
+        assert_eq!(rejected.retry_after_ms, 0);
+    }
+}

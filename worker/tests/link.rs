@@ -1,0 +1,330 @@
+//! The worker's scheduler link against a real gRPC `WorkerService` on 127.0.0.1 that
+//! plays the scheduler: Hello, Welcome, Tasks, TaskResults, re-attach, drain.
+
+// Test helpers, like tests, fail by panicking (clippy.toml only covers `#[test]` bodies).
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+use touchpoint_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
+use touchpoint_proto::v1::{
+    Contact, Hello, Outcome, SchedulerMessage, Task, TaskResult, Welcome, WorkerMessage,
+    scheduler_message, worker_message,
+};
+use touchpoint_worker::WorkerConfig;
+
+type Outbox = mpsc::UnboundedSender<Result<SchedulerMessage, Status>>;
+
+/// Answers Hello with Welcome and hands each stream's sending side to the test, which
+/// sends Tasks on it and closes the stream by dropping it.
+#[derive(Clone)]
+struct Service {
+    hellos: mpsc::UnboundedSender<Hello>,
+    results: mpsc::UnboundedSender<TaskResult>,
+    streams: mpsc::UnboundedSender<Outbox>,
+}
+
+#[tonic::async_trait]
+impl WorkerService for Service {
+    type AttachStream = UnboundedReceiverStream<Result<SchedulerMessage, Status>>;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let mut inbound = request.into_inner();
+        let Some(worker_message::Kind::Hello(hello)) =
+            inbound.message().await?.and_then(|message| message.kind)
+        else {
+            return Err(Status::invalid_argument("Hello must come first"));
+        };
+        self.hellos.send(hello).unwrap();
+        let (outbox, stream) = mpsc::unbounded_channel();
+        outbox
+            .send(Ok(SchedulerMessage {
+                kind: Some(scheduler_message::Kind::Welcome(Welcome {
+                    scheduler_id: "test-scheduler".to_owned(),
+                })),
+            }))
+            .unwrap();
+        let results = self.results.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                if let Some(worker_message::Kind::Result(result)) = message.kind {
+                    let _ = results.send(result);
+                }
+            }
+        });
+        self.streams.send(outbox).unwrap();
+        Ok(Response::new(UnboundedReceiverStream::new(stream)))
+    }
+}
+
+/// The test's view of the scheduler.
+struct Scheduler {
+    hellos: mpsc::UnboundedReceiver<Hello>,
+    results: mpsc::UnboundedReceiver<TaskResult>,
+    streams: mpsc::UnboundedReceiver<Outbox>,
+}
+
+impl Scheduler {
+    /// Serves on `listener` until the test ends.
+    fn serve(listener: TcpListener) -> Self {
+        let (hellos, hellos_rx) = mpsc::unbounded_channel();
+        let (results, results_rx) = mpsc::unbounded_channel();
+        let (streams, streams_rx) = mpsc::unbounded_channel();
+        let service = Service {
+            hellos,
+            results,
+            streams,
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(WorkerServiceServer::new(service))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        Self {
+            hellos: hellos_rx,
+            results: results_rx,
+            streams: streams_rx,
+        }
+    }
+
+    async fn start() -> (Self, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = format!("http://{}", listener.local_addr().unwrap());
+        (Self::serve(listener), server)
+    }
+
+    /// The next worker to attach: its Hello and the stream to send it tasks on.
+    async fn attached(&mut self) -> (Hello, Outbox) {
+        let hello = within(self.hellos.recv()).await.unwrap();
+        let outbox = within(self.streams.recv()).await.unwrap();
+        (hello, outbox)
+    }
+
+    async fn result(&mut self) -> TaskResult {
+        within(self.results.recv()).await.unwrap()
+    }
+}
+
+async fn within<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("timed out")
+}
+
+fn task(run_id: &str, channel: &str) -> Result<SchedulerMessage, Status> {
+    Ok(SchedulerMessage {
+        kind: Some(scheduler_message::Kind::Task(Task {
+            run_id: run_id.to_owned(),
+            fencing_token: 42,
+            playbook: "welcome-new-customer".to_owned(),
+            version: 1,
+            step_id: "coupon".to_owned(),
+            action: "send_message".to_owned(),
+            channel: channel.to_owned(),
+            attempt: 1,
+            message: "welcome".to_owned(),
+            params_json: r#"{"coupon":"WELCOME10"}"#.to_owned(),
+            contact: Some(Contact {
+                id: "c-1".to_owned(),
+                ..Contact::default()
+            }),
+            idempotency_key: format!("{run_id}:coupon"),
+            traceparent: String::new(),
+            deadline_ms: 0,
+        })),
+    })
+}
+
+/// A running worker and the switch that stops it.
+struct Worker {
+    stop: oneshot::Sender<()>,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Worker {
+    fn start(config: WorkerConfig) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let handle = tokio::spawn(touchpoint_worker::run(config, shutdown));
+        Self { stop, handle }
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        within(self.handle).await.unwrap().unwrap();
+    }
+}
+
+/// A webhook receiver that holds every request until the test releases it.
+async fn held_receiver() -> (String, Arc<Notify>) {
+    let release = Arc::new(Notify::new());
+    let held = Arc::clone(&release);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let held = Arc::clone(&held);
+            async move {
+                held.notified().await;
+                "ok"
+            }
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, release)
+}
+
+fn config_with_held_webhook(server: &str, url: &str) -> WorkerConfig {
+    let text = format!(
+        "server = {server:?}\nconcurrency = 4\n\
+         [[channel]]\nname = \"crm\"\nkind = \"webhook\"\nurl = {url:?}\n\
+         [[channel]]\nname = \"console\"\nkind = \"log\"\n"
+    );
+    WorkerConfig::from_toml(&text, |_| None).unwrap()
+}
+
+#[tokio::test]
+async fn says_hello_then_reports_each_task() {
+    let (mut scheduler, server) = Scheduler::start().await;
+    let mut config = WorkerConfig::console(&server, &["console", "wecom"]);
+    config.concurrency = 8;
+    config.worker_id = Some("worker-a".to_owned());
+    let worker = Worker::start(config);
+
+    let (hello, outbox) = scheduler.attached().await;
+    assert_eq!(hello.worker_id, "worker-a");
+    assert_eq!(hello.channels, ["console", "wecom"]);
+    assert_eq!(hello.capacity, 8);
+
+    outbox.send(task("run-1", "console")).unwrap();
+    let result = scheduler.result().await;
+    assert_eq!(
+        (
+            result.run_id.as_str(),
+            result.fencing_token,
+            result.outcome()
+        ),
+        ("run-1", 42, Outcome::Ok)
+    );
+    assert_eq!(result.detail, "printed");
+
+    outbox.send(task("run-2", "sms")).unwrap();
+    let result = scheduler.result().await;
+    assert_eq!(result.run_id, "run-2");
+    assert_eq!(result.outcome(), Outcome::Permanent);
+    assert_eq!(
+        result.detail,
+        "channel sms is not configured on this worker"
+    );
+
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_delivery_does_not_hold_up_the_others() {
+    let (mut scheduler, server) = Scheduler::start().await;
+    let (url, release) = held_receiver().await;
+    let worker = Worker::start(config_with_held_webhook(&server, &url));
+    let (_, outbox) = scheduler.attached().await;
+
+    outbox.send(task("slow", "crm")).unwrap();
+    outbox.send(task("fast", "console")).unwrap();
+    assert_eq!(scheduler.result().await.run_id, "fast");
+
+    release.notify_one();
+    let result = scheduler.result().await;
+    assert_eq!(result.run_id, "slow");
+    assert_eq!(
+        (result.outcome(), result.detail.as_str()),
+        (Outcome::Ok, "HTTP 200")
+    );
+
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn reattaches_when_the_scheduler_closes_the_stream() {
+    let (mut scheduler, server) = Scheduler::start().await;
+    let worker = Worker::start(WorkerConfig::console(&server, &["console"]));
+
+    let (first, outbox) = scheduler.attached().await;
+    drop(outbox);
+    let (second, outbox) = scheduler.attached().await;
+    assert_eq!(first.worker_id, second.worker_id);
+
+    outbox.send(task("run-1", "console")).unwrap();
+    assert_eq!(scheduler.result().await.outcome(), Outcome::Ok);
+
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn waits_for_a_scheduler_that_is_not_up_yet() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address: SocketAddr = listener.local_addr().unwrap();
+    drop(listener);
+    let worker = Worker::start(WorkerConfig::console(
+        &format!("http://{address}"),
+        &["console"],
+    ));
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut scheduler = Scheduler::serve(TcpListener::bind(address).await.unwrap());
+    let (hello, _outbox) = scheduler.attached().await;
+    assert_eq!(hello.channels, ["console"]);
+
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_in_flight_deliveries_to_report() {
+    let (mut scheduler, server) = Scheduler::start().await;
+    let (url, release) = held_receiver().await;
+    let Worker { stop, mut handle } = Worker::start(config_with_held_webhook(&server, &url));
+    let (_, outbox) = scheduler.attached().await;
+
+    outbox.send(task("run-1", "crm")).unwrap();
+    // Let the delivery reach the receiver, then ask the worker to stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(()).unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut handle)
+            .await
+            .is_err(),
+        "the worker stopped with a delivery in flight"
+    );
+
+    release.notify_one();
+    let result = scheduler.result().await;
+    assert_eq!(
+        (result.run_id.as_str(), result.outcome()),
+        ("run-1", Outcome::Ok)
+    );
+    within(handle).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_server_address_that_is_not_a_url_is_refused() {
+    let config = WorkerConfig::console("not a url", &["console"]);
+    let error = touchpoint_worker::run(config, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("invalid server address"),
+        "{error}"
+    );
+}
