@@ -264,8 +264,12 @@ impl Engine {
         };
         let action = match &step.kind {
             StepKind::Wait { .. } => {
-                let op = advance(&playbook.playbook, index, now);
-                return settle(op, String::new(), Some(entry(StepOutcome::Done, "")));
+                let op = advance(&playbook.playbook, index + 1, now);
+                let waited = TimelineEntry {
+                    attempts: 0,
+                    ..entry(StepOutcome::Done, "")
+                };
+                return settle(op, String::new(), Some(waited));
             }
             StepKind::Action(action) => action,
         };
@@ -292,7 +296,10 @@ impl Engine {
             Ok(true) => {}
             Ok(false) => {
                 let op = advance(&playbook.playbook, index + 1, now);
-                let skipped = entry(StepOutcome::Skipped, "if was false");
+                let skipped = TimelineEntry {
+                    attempts: 0,
+                    ..entry(StepOutcome::Skipped, "if was false")
+                };
                 return settle(op, String::new(), Some(skipped));
             }
             Err(err) => {
@@ -500,7 +507,7 @@ impl Engine {
             Outcome::Retryable => failed(format!("gave up after {} attempts: {detail}", f.attempt)),
             Outcome::Permanent | Outcome::Unspecified => failed(detail.clone()),
         };
-        info!(run_id = %run_id, step = f.step_index, channel = %f.channel, attempt = f.attempt, outcome = outcome.as_str_name(), "step attempt finished");
+        debug!(run_id = %run_id, step = f.step_index, channel = %f.channel, attempt = f.attempt, outcome = outcome.as_str_name(), "step attempt finished");
         let completion = Completion {
             run_id,
             fence: f.fence,

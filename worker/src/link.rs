@@ -301,7 +301,7 @@ fn task_result(
 /// One line per delivery, inside the `deliver` span (run, step, channel, attempt).
 fn log_outcome(outcome: &Result<Delivered, channel::Error>) {
     match outcome {
-        Ok(delivered) => info!(outcome = "ok", detail = %delivered.detail, "delivered"),
+        Ok(delivered) => debug!(outcome = "ok", detail = %delivered.detail, "delivered"),
         Err(error) if error.is_retryable() => warn!(
             outcome = "retryable",
             detail = error.detail(),

@@ -146,7 +146,7 @@ impl EnrollmentService for EnrollmentApi {
         let (run_id, created) = self.store.enroll(&run).await?;
         if created {
             self.engine.schedule_check(partition, due_ms);
-            tracing::info!(run_id = %run_id, playbook = %run.playbook, version = run.version, "run started");
+            tracing::debug!(run_id = %run_id, playbook = %run.playbook, version = run.version, "run started");
         }
         Ok(Response::new(v1::EnrollResponse {
             run_id,
@@ -226,6 +226,8 @@ impl RunApi {
             } else {
                 record.attempt.saturating_sub(1)
             };
+            slot.done_at_ms = 0;
+            slot.worker = String::new();
             slot.due_at_ms = record.due_ms;
             slot.detail = record.detail.clone();
         }
