@@ -1,1 +1,37 @@
-//! x
+//! Touchpoint's test harness: real parts, no mocks.
+//!
+//! End-to-end suites in `tests/tests/` and the store tests of other crates build on:
+//! - [`RedisServer`]: a `redis-server` from `PATH` on a free loopback port, with its own
+//!   temporary data folder, that can be killed and restarted on the same port and folder;
+//! - [`Process`]: a child process (usually `touchpoint-node`) whose output goes to a log file,
+//!   killed with SIGKILL on drop (and whose log tail is printed when a test panics);
+//! - [`SchedulerNode`] and [`WorkerNode`]: a scheduler or worker running as a real process of
+//!   the `touchpoint-node` binary, with [`WorkerConfig`] writing its `worker.toml`;
+//! - [`TouchpointClient`]: the scheduler's gRPC clients, connected with retries;
+//! - [`WebhookReceiver`]: a real HTTP server recording every delivery, with scripted answers,
+//!   and [`verify_signature`], a Standard Webhooks verifier written independently of the worker;
+//! - [`eventually`]: polling instead of sleeping;
+//! - [`Stack`]: all of the above for one test (Redis, receiver, scheduler, workers), and
+//!   [`welcome_yaml`], the repository's example journey with a short wait.
+//!
+//! Every helper starts its own resources on free ports, so tests run in parallel.
+
+mod client;
+mod eventually;
+mod node;
+mod ports;
+mod process;
+mod receiver;
+mod redis_server;
+mod signature;
+mod stack;
+
+pub use client::{TouchpointClient, run_summary};
+pub use eventually::{eventually, eventually_some, stays};
+pub use node::{ChannelConfig, SchedulerNode, WorkerConfig, WorkerNode};
+pub use ports::free_port;
+pub use process::Process;
+pub use receiver::{ReceivedRequest, Reply, WebhookReceiver};
+pub use redis_server::RedisServer;
+pub use signature::{generate_secret, sign, verify_signature};
+pub use stack::{SECRET_ENV, Stack, contact, request_id, to_map, welcome_yaml};

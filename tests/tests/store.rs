@@ -15,7 +15,7 @@ const PARTITIONS: u16 = 4;
 async fn store(redis: &RedisServer) -> Store {
     Store::connect(&redis.url(), "t", PARTITIONS, 60)
         .await
-        .unwrap()
+        .expect("connect to the test redis")
 }
 
 fn new_run(partition: u16, contact: &str, request_id: Option<&str>, now: i64) -> NewRun {
@@ -160,7 +160,7 @@ async fn futures_claims(store: &Store) -> Vec<String> {
             tokio::spawn(async move {
                 let mut ids = Vec::new();
                 loop {
-                    let claim = store.claim(3, 100, 17, 60_000).await.unwrap();
+                    let claim = store.claim(3, 100, 17, 60_000).await.expect("claim");
                     if claim.runs.is_empty() {
                         return ids;
                     }
@@ -171,7 +171,7 @@ async fn futures_claims(store: &Store) -> Vec<String> {
         .collect();
     let mut all = Vec::new();
     for task in tasks {
-        all.extend(task.await.unwrap());
+        all.extend(task.await.expect("claiming task"));
     }
     all
 }

@@ -1,0 +1,304 @@
+//! Schedulers and workers as real processes of the `touchpoint-node` binary.
+//!
+//! Integration tests pass the binary's path: `env!("CARGO_BIN_EXE_touchpoint-node")`.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use tempfile::TempDir;
+
+use crate::{Process, TouchpointClient, free_port};
+
+/// How long a starting scheduler may take to answer.
+const SCHEDULER_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `touchpoint-node scheduler --redis-url URL --listen 127.0.0.1:PORT [extra...]` on a free
+/// port. It can be killed with SIGKILL and started again on the same port.
+#[derive(Debug)]
+pub struct SchedulerNode {
+    bin: PathBuf,
+    args: Vec<String>,
+    port: u16,
+    process: Process,
+}
+
+impl SchedulerNode {
+    /// Starts a scheduler on a free port against `redis_url`, with `extra` flags such as
+    /// `["--lease", "2s"]`. Does not wait for it: [`SchedulerNode::client`] does.
+    pub fn start(bin: impl AsRef<Path>, redis_url: &str, extra: &[&str]) -> Self {
+        let port = free_port();
+        let mut args = vec![
+            "scheduler".to_owned(),
+            "--redis-url".to_owned(),
+            redis_url.to_owned(),
+            "--listen".to_owned(),
+            format!("127.0.0.1:{port}"),
+        ];
+        args.extend(extra.iter().map(|&a| a.to_owned()));
+        let bin = bin.as_ref().to_path_buf();
+        let process = Process::spawn_named("scheduler", &bin, &args, &[]);
+        Self {
+            bin,
+            args,
+            port,
+            process,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The gRPC port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connects, retrying until the scheduler answers.
+    ///
+    /// # Panics
+    /// When the process exits or does not answer within 20 s (its log tail is printed).
+    pub async fn client(&mut self) -> TouchpointClient {
+        let deadline = Instant::now() + SCHEDULER_START_TIMEOUT;
+        loop {
+            let error = match TouchpointClient::try_connect(&self.endpoint()).await {
+                Ok(client) => return client,
+                Err(e) => e,
+            };
+            assert!(
+                self.process.is_running(),
+                "the scheduler exited instead of serving {}: {error}",
+                self.endpoint()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the scheduler at {} did not answer within {SCHEDULER_START_TIMEOUT:?}: {error}",
+                self.endpoint()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills the scheduler with SIGKILL (no shutdown, no cleanup).
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
+    /// Starts it again with the same flags and port (after [`SchedulerNode::kill9`]).
+    pub fn restart(&mut self) {
+        self.process.kill9();
+        self.process.respawn(&self.bin, &self.args, &[]);
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+
+    /// The process (for its log, or to [`Process::freeze`] it).
+    pub fn process(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
+/// `touchpoint-node worker --config <tmp>/worker.toml --server URL --worker-id ID`.
+#[derive(Debug)]
+pub struct WorkerNode {
+    worker_id: String,
+    process: Process,
+    config_path: PathBuf,
+    _config_dir: TempDir,
+}
+
+impl WorkerNode {
+    /// Writes `config` (with `server = server`) to a temporary `worker.toml` and starts a
+    /// worker on it with extra environment `envs` (the channels' secrets).
+    pub fn start(
+        bin: impl AsRef<Path>,
+        server: &str,
+        worker_id: &str,
+        config: &WorkerConfig,
+        envs: &[(&str, &str)],
+    ) -> Self {
+        let config_dir = tempfile::Builder::new()
+            .prefix("touchpoint-worker-config-")
+            .tempdir()
+            .expect("create a temporary config folder");
+        let config_path = config_dir.path().join("worker.toml");
+        std::fs::write(&config_path, config.to_toml(server)).expect("write worker.toml");
+        let config_arg = config_path.to_string_lossy().into_owned();
+        let process = Process::spawn_named(
+            worker_id,
+            bin.as_ref(),
+            [
+                "worker",
+                "--config",
+                &config_arg,
+                "--server",
+                server,
+                "--worker-id",
+                worker_id,
+            ],
+            envs,
+        );
+        Self {
+            worker_id: worker_id.to_owned(),
+            process,
+            config_path,
+            _config_dir: config_dir,
+        }
+    }
+
+    /// The `--worker-id` it was started with.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Where its `worker.toml` is.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Kills the worker with SIGKILL (whatever it was delivering is left unreported).
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+
+    /// The process (for its log, or to [`Process::freeze`] it).
+    pub fn process(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
+/// One `[[channel]]` of a `worker.toml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelConfig {
+    /// `kind = "webhook"`.
+    Webhook {
+        name: String,
+        url: String,
+        /// Name of the environment variable holding the Standard Webhooks secret.
+        secret_env: Option<String>,
+        /// e.g. `"30s"`.
+        timeout: String,
+    },
+    /// `kind = "log"`.
+    Log { name: String },
+}
+
+impl ChannelConfig {
+    /// A webhook channel to `url`, signed with the secret in `secret_env`, timeout 30 s.
+    pub fn webhook(name: &str, url: &str, secret_env: &str) -> Self {
+        Self::Webhook {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            secret_env: Some(secret_env.to_owned()),
+            timeout: "30s".to_owned(),
+        }
+    }
+
+    /// A log channel.
+    pub fn log(name: &str) -> Self {
+        Self::Log {
+            name: name.to_owned(),
+        }
+    }
+}
+
+/// A `worker.toml` as SPEC describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    pub concurrency: u32,
+    pub channels: Vec<ChannelConfig>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            channels: Vec::new(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// No channels, concurrency 16.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a channel.
+    #[must_use]
+    pub fn channel(mut self, channel: ChannelConfig) -> Self {
+        self.channels.push(channel);
+        self
+    }
+
+    /// The TOML text, with `server = server`.
+    pub fn to_toml(&self, server: &str) -> String {
+        let mut out = format!(
+            "server = {}\nconcurrency = {}\n",
+            toml_str(server),
+            self.concurrency
+        );
+        for channel in &self.channels {
+            out.push_str("\n[[channel]]\n");
+            match channel {
+                ChannelConfig::Webhook {
+                    name,
+                    url,
+                    secret_env,
+                    timeout,
+                } => {
+                    out.push_str(&format!("name = {}\nkind = \"webhook\"\n", toml_str(name)));
+                    out.push_str(&format!("url = {}\n", toml_str(url)));
+                    if let Some(env) = secret_env {
+                        out.push_str(&format!("secret_env = {}\n", toml_str(env)));
+                    }
+                    out.push_str(&format!("timeout = {}\n", toml_str(timeout)));
+                }
+                ChannelConfig::Log { name } => {
+                    out.push_str(&format!("name = {}\nkind = \"log\"\n", toml_str(name)));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A TOML basic string (JSON's escapes are valid TOML escapes).
+fn toml_str(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_the_worker_toml_of_spec() {
+        let config = WorkerConfig::new()
+            .channel(ChannelConfig::webhook(
+                "wecom",
+                "http://127.0.0.1:8099/hook",
+                "TEST_WEBHOOK_SECRET",
+            ))
+            .channel(ChannelConfig::log("console"));
+        assert_eq!(
+            config.to_toml("http://127.0.0.1:50051"),
+            "server = \"http://127.0.0.1:50051\"\nconcurrency = 16\n\
+             \n[[channel]]\nname = \"wecom\"\nkind = \"webhook\"\n\
+             url = \"http://127.0.0.1:8099/hook\"\nsecret_env = \"TEST_WEBHOOK_SECRET\"\n\
+             timeout = \"30s\"\n\
+             \n[[channel]]\nname = \"console\"\nkind = \"log\"\n"
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! A whole local system for one test: Redis, a webhook receiver, a scheduler process and
+//! worker processes whose webhook channels all point at the receiver.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use touchpoint_proto::v1::{
+    ApplyPlaybookRequest, ApplyPlaybookResponse, Contact, EnrollRequest, EnrollResponse,
+};
+
+use crate::{
+    ChannelConfig, RedisServer, SchedulerNode, TouchpointClient, WebhookReceiver, WorkerConfig,
+    WorkerNode, generate_secret,
+};
+
+/// The environment variable the workers' webhook channels read their secret from.
+pub const SECRET_ENV: &str = "TEST_WEBHOOK_SECRET";
+
+/// Redis (AOF on), a [`WebhookReceiver`], a scheduler and, once started, workers serving
+/// `channels` as webhooks to the receiver, signed with [`Stack::secret`].
+///
+/// Fields drop in order: workers, scheduler, receiver, then Redis.
+#[derive(Debug)]
+pub struct Stack {
+    pub workers: Vec<WorkerNode>,
+    pub scheduler: SchedulerNode,
+    pub client: TouchpointClient,
+    pub receiver: WebhookReceiver,
+    pub redis: RedisServer,
+    /// The Standard Webhooks secret (`whsec_...`) the workers sign with.
+    pub secret: String,
+    bin: PathBuf,
+    channels: Vec<String>,
+}
+
+impl Stack {
+    /// Starts Redis, the receiver and a scheduler (with `scheduler_flags` such as
+    /// `["--lease", "2s"]`), waits until the scheduler answers, then starts worker `w-1`
+    /// serving `channels` (none when `channels` is empty).
+    pub async fn start(bin: impl AsRef<Path>, scheduler_flags: &[&str], channels: &[&str]) -> Self {
+        let redis = RedisServer::start();
+        let receiver = WebhookReceiver::start().await;
+        let mut scheduler = SchedulerNode::start(bin.as_ref(), &redis.url(), scheduler_flags);
+        let client = scheduler.client().await;
+        let mut stack = Self {
+            workers: Vec::new(),
+            scheduler,
+            client,
+            receiver,
+            redis,
+            secret: generate_secret(),
+            bin: bin.as_ref().to_path_buf(),
+            channels: channels.iter().map(|&c| c.to_owned()).collect(),
+        };
+        if !channels.is_empty() {
+            stack.start_worker("w-1");
+        }
+        stack
+    }
+
+    /// The `worker.toml` every worker of this stack gets: one webhook channel to the
+    /// receiver per channel name.
+    pub fn worker_config(&self) -> WorkerConfig {
+        self.channels
+            .iter()
+            .fold(WorkerConfig::new(), |config, name| {
+                config.channel(ChannelConfig::webhook(
+                    name,
+                    &self.receiver.url(),
+                    SECRET_ENV,
+                ))
+            })
+    }
+
+    /// Starts another worker process with `worker_id`.
+    pub fn start_worker(&mut self, worker_id: &str) -> &mut WorkerNode {
+        let worker = WorkerNode::start(
+            &self.bin,
+            &self.scheduler.endpoint(),
+            worker_id,
+            &self.worker_config(),
+            &[(SECRET_ENV, &self.secret)],
+        );
+        self.workers.push(worker);
+        self.workers.last_mut().expect("just pushed")
+    }
+
+    /// The worker started with `worker_id`.
+    ///
+    /// # Panics
+    /// When there is none.
+    pub fn worker(&mut self, worker_id: &str) -> &mut WorkerNode {
+        self.workers
+            .iter_mut()
+            .find(|w| w.worker_id() == worker_id)
+            .unwrap_or_else(|| panic!("no worker {worker_id}"))
+    }
+
+    /// Kills the scheduler with SIGKILL, starts it again on the same port and reconnects
+    /// [`Stack::client`].
+    pub async fn restart_scheduler(&mut self) {
+        self.scheduler.kill9();
+        self.scheduler.restart();
+        self.client = self.scheduler.client().await;
+    }
+
+    /// `ApplyPlaybook` (not a dry run), panicking on error.
+    pub async fn apply(&mut self, yaml: &str) -> ApplyPlaybookResponse {
+        self.client
+            .playbooks
+            .apply_playbook(ApplyPlaybookRequest {
+                yaml: yaml.to_owned(),
+                dry_run: false,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ApplyPlaybook failed: {e}"))
+            .into_inner()
+    }
+
+    /// `Enroll`, panicking on error.
+    pub async fn enroll(
+        &mut self,
+        playbook: &str,
+        contact: Contact,
+        request_id: &str,
+    ) -> EnrollResponse {
+        self.client
+            .enrollments
+            .enroll(EnrollRequest {
+                playbook: playbook.to_owned(),
+                contact: Some(contact),
+                request_id: request_id.to_owned(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("Enroll {playbook} failed: {e}"))
+            .into_inner()
+    }
+}
+
+/// A contact with attributes and tags (no time zone, no identities).
+pub fn contact(id: &str, attrs: &[(&str, &str)], tags: &[&str]) -> Contact {
+    Contact {
+        id: id.to_owned(),
+        attrs: to_map(attrs),
+        tags: tags.iter().map(|&t| t.to_owned()).collect(),
+        tz: String::new(),
+        identities: HashMap::new(),
+    }
+}
+
+/// `[("k", "v")]` as a map.
+pub fn to_map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// A fresh request id (UUIDv4), as AIP-155 suggests.
+pub fn request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// `examples/welcome.yaml` from the repository, with its `wait: 3d` replaced by
+/// `wait: <wait>` so a test does not wait three days.
+///
+/// # Panics
+/// When the example no longer has a `wait: 3d` step.
+pub fn welcome_yaml(wait: &str) -> String {
+    const WELCOME: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/welcome.yaml"
+    ));
+    assert_eq!(
+        WELCOME.matches("wait: 3d").count(),
+        1,
+        "examples/welcome.yaml should have exactly one `wait: 3d` step"
+    );
+    WELCOME.replace("wait: 3d", &format!("wait: {wait}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_journey_gets_a_short_wait() {
+        let yaml = welcome_yaml("2s");
+        assert!(yaml.contains("name: welcome-new-customer"));
+        assert!(yaml.contains("    wait: 2s\n"));
+        assert!(!yaml.contains("3d\n"));
+    }
+}
