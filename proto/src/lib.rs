@@ -8,7 +8,12 @@
 //! [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
 
 /// Generated messages and services of package `touchpoint.v1`.
-#[allow(missing_docs, unreachable_pub, clippy::all, missing_debug_implementations)]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    missing_debug_implementations
+)]
 pub mod v1 {
     tonic::include_proto!("touchpoint.v1");
 }
