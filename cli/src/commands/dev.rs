@@ -274,15 +274,17 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, addr.port())
 }
 
-/// Catches Ctrl-C (SIGINT) and SIGTERM from now on, so that neither kills `tp` while
-/// Redis starts; the future completes on the first of them.
+/// Catches Ctrl-C (SIGINT), SIGTERM and a closed terminal (SIGHUP) from now on, so that
+/// none kills `tp` without cleaning up; the future completes on the first of them.
 fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     Ok(async move {
         tokio::select! {
             _ = interrupt.recv() => {}
             _ = terminate.recv() => {}
+            _ = hangup.recv() => {}
         }
     })
 }
