@@ -18,14 +18,14 @@ use std::{
 };
 
 use tokio::sync::{Notify, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use touchpoint_proto::v1::{self, Outcome, SchedulerMessage, TaskResult, scheduler_message};
 use tracing::{debug, info, warn};
 
 use crate::{
     clock::now_ms,
     playbook::{Action, Playbook, RetryPolicy, StepKind},
-    playbook_cache::{LoadedPlaybook, PlaybookCache},
+    playbook_cache::{LoadError, LoadedPlaybook, PlaybookCache},
     run::{Next, RunStatus, StepOutcome, TimelineEntry, idempotency_key, next_step, retry_delay},
     store::{ClaimedRun, Completion, ContactRecord, Op, Store},
     trace,
@@ -71,6 +71,7 @@ pub(crate) struct Engine {
     wake: Notify,
     in_flight: Mutex<HashMap<String, InFlight>>,
     completions: mpsc::UnboundedSender<(u16, Completion)>,
+    tasks: TaskTracker,
 }
 
 /// What to do with a claimed run.
@@ -108,10 +109,22 @@ impl Engine {
             wake: Notify::new(),
             in_flight: Mutex::new(HashMap::new()),
             completions,
+            tasks: TaskTracker::new(),
         });
-        tokio::spawn(Arc::clone(&engine).timer_loop(shutdown.clone()));
-        tokio::spawn(Arc::clone(&engine).completion_loop(completion_rx, shutdown));
         engine
+            .tasks
+            .spawn(Arc::clone(&engine).timer_loop(shutdown.clone()));
+        engine
+            .tasks
+            .spawn(Arc::clone(&engine).completion_loop(completion_rx, shutdown));
+        engine.tasks.close();
+        engine
+    }
+
+    /// Completes once the background tasks have stopped (after `shutdown` is cancelled),
+    /// outcomes already received from workers recorded.
+    pub(crate) async fn stopped(&self) {
+        self.tasks.wait().await;
     }
 
     /// The connected workers.
@@ -242,6 +255,16 @@ impl Engine {
             .await
         {
             Ok(playbook) => playbook,
+            // Redis hiccup: try again shortly, the run is not at fault.
+            Err(LoadError::Store(err)) => {
+                warn!(run_id = %run.run_id, error = %err, "cannot load the run's playbook; retrying");
+                let op = Op::Retry {
+                    index,
+                    due_ms: now + 1000,
+                    attempt: run.attempt,
+                };
+                return settle(op, format!("loading the playbook failed: {err}"), None);
+            }
             Err(err) => {
                 warn!(run_id = %run.run_id, error = %err, "cannot load the run's playbook");
                 let status = RunStatus::Failed;
@@ -527,9 +550,13 @@ impl Engine {
     ) {
         let mut batch = Vec::new();
         loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                received = rx.recv_many(&mut batch, 512) => if received == 0 { return },
+            let received = tokio::select! {
+                // Stop taking new outcomes, but record those already received.
+                () = shutdown.cancelled() => { rx.close(); rx.recv_many(&mut batch, usize::MAX).await }
+                received = rx.recv_many(&mut batch, 512) => received,
+            };
+            if received == 0 {
+                return;
             }
             let mut by_partition: HashMap<u16, Vec<Completion>> = HashMap::new();
             for (partition, completion) in batch.drain(..) {

@@ -155,7 +155,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            WorkerServiceServer::new(WorkerApi::new(engine))
+            WorkerServiceServer::new(WorkerApi::new(Arc::clone(&engine)))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
@@ -164,6 +164,14 @@ pub async fn run(
         })
         .await;
     stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(5), engine.stopped())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "background tasks did not stop within 5s; unfinished steps go out again when their leases expire"
+        );
+    }
     info!("touchpoint-scheduler stopped");
     Ok(result?)
 }
