@@ -281,6 +281,14 @@ impl Engine {
             channel: String::new(),
             detail: detail.to_owned(),
         };
+        let fail = |detail: String| {
+            let op = Op::Finish {
+                index,
+                status: RunStatus::Failed,
+            };
+            let failed = entry(StepOutcome::Failed, &detail);
+            settle(op, detail, Some(failed))
+        };
         let Some(step) = playbook.playbook.steps.get(index) else {
             let status = RunStatus::Completed;
             return settle(Op::Finish { index, status }, String::new(), None);
@@ -297,19 +305,10 @@ impl Engine {
             StepKind::Action(action) => action,
         };
         if run.attempt > action.retry.max_attempts {
-            let detail = format!(
+            return fail(format!(
                 "gave up after {} attempts (lease expired)",
                 action.retry.max_attempts
-            );
-            let op = Op::Finish {
-                index,
-                status: RunStatus::Failed,
-            };
-            return settle(
-                op,
-                detail.clone(),
-                Some(entry(StepOutcome::Failed, &detail)),
-            );
+            ));
         }
         let ctx = TemplateContext {
             contact: &run.contact,
@@ -325,33 +324,11 @@ impl Engine {
                 };
                 return settle(op, String::new(), Some(skipped));
             }
-            Err(err) => {
-                let detail = format!("if: {err}");
-                let op = Op::Finish {
-                    index,
-                    status: RunStatus::Failed,
-                };
-                return settle(
-                    op,
-                    detail.clone(),
-                    Some(entry(StepOutcome::Failed, &detail)),
-                );
-            }
+            Err(err) => return fail(format!("if: {err}")),
         }
         let message = match playbook.compiled.render(index, &ctx) {
             Ok(message) => message.unwrap_or_default(),
-            Err(err) => {
-                let detail = format!("template: {err}");
-                let op = Op::Finish {
-                    index,
-                    status: RunStatus::Failed,
-                };
-                return settle(
-                    op,
-                    detail.clone(),
-                    Some(entry(StepOutcome::Failed, &detail)),
-                );
-            }
+            Err(err) => return fail(format!("template: {err}")),
         };
         let task = build_task(
             &run,

@@ -203,3 +203,37 @@ async fn health_and_reflection_answer_like_grpcurl_expects() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_that_fails_to_render_fails_the_run_and_sends_nothing() {
+    let mut stack = Stack::start(NODE, &[], &["wecom"]).await;
+    let yaml = r#"name: broken-render
+steps:
+  - id: notify
+    action: send_message
+    channel: wecom
+    template: "{{ params.n // 0 }}"
+    params: { n: 1 }
+"#;
+    stack.apply(yaml).await;
+    let run_id = stack
+        .enroll("broken-render", contact("c-5003", &[], &[]), &request_id())
+        .await
+        .run_id;
+    let run = stack
+        .client
+        .wait_for_status(&run_id, RunStatus::Failed, TIMEOUT)
+        .await;
+    assert_eq!(
+        run.steps[0].status(),
+        StepStatus::Failed,
+        "{}",
+        run_summary(&run)
+    );
+    assert!(
+        run.steps[0].detail.starts_with("template:"),
+        "{}",
+        run_summary(&run)
+    );
+    assert!(stack.receiver.requests().is_empty());
+}
