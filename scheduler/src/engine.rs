@@ -156,6 +156,7 @@ impl Engine {
 
     async fn timer_loop(self: Arc<Self>, shutdown: CancellationToken) {
         info!(scheduler = %self.config.scheduler_id, "timer loop started");
+        let mut redis_down = false;
         loop {
             let now = now_ms();
             let due: Vec<u16> = lock(&self.next_check)
@@ -164,6 +165,7 @@ impl Engine {
                 .filter(|(_, at)| **at <= now)
                 .filter_map(|(p, _)| u16::try_from(p).ok())
                 .collect();
+            let mut pause = Duration::ZERO;
             for partition in due {
                 if shutdown.is_cancelled() {
                     return;
@@ -172,15 +174,32 @@ impl Engine {
                 // slot again (schedule_check); keep the earlier of the two.
                 lock(&self.next_check)[usize::from(partition)] = i64::MAX;
                 let next = match self.claim_partition(partition).await {
-                    Ok(next) => next,
+                    Ok(next) => {
+                        if redis_down {
+                            redis_down = false;
+                            info!(
+                                "Redis is reachable again; timers resume (steps that came due meanwhile go out now)"
+                            );
+                        }
+                        next
+                    }
                     Err(err) => {
-                        warn!(partition, error = %err, "claiming due steps failed; retrying in 1s");
-                        now_ms() + 1000
+                        if !redis_down {
+                            redis_down = true;
+                            warn!(error = %err, "claiming due steps failed; timers pause and retry every second");
+                        }
+                        // This partition and every one not yet visited stay due: the
+                        // next pass starts over once Redis answers.
+                        pause = Duration::from_secs(1);
+                        now_ms()
                     }
                 };
                 let mut next_check = lock(&self.next_check);
                 let slot = &mut next_check[usize::from(partition)];
                 *slot = (*slot).min(next);
+                if !pause.is_zero() {
+                    break;
+                }
             }
             let earliest = lock(&self.next_check)
                 .iter()
@@ -188,10 +207,11 @@ impl Engine {
                 .min()
                 .unwrap_or(i64::MAX);
             let sleep_ms = (earliest - now_ms()).clamp(0, millis(self.config.poll_interval));
+            let sleep = pause.max(Duration::from_millis(u64::try_from(sleep_ms).unwrap_or(0)));
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_millis(u64::try_from(sleep_ms).unwrap_or(0))) => {}
+                () = self.wake.notified(), if pause.is_zero() => {}
+                () = tokio::time::sleep(sleep) => {}
             }
         }
     }
@@ -519,20 +539,32 @@ impl Engine {
         let _ = self.completions.send((f.partition, completion));
     }
 
-    /// Applies workers' outcomes in batches, one script call per partition.
+    /// Applies workers' outcomes in batches, one script call per partition. Outcomes that
+    /// cannot be recorded (Redis unreachable) are kept and tried again every 500 ms, so a
+    /// short outage does not turn delivered steps into redeliveries; a retry that comes
+    /// after the lease expired is refused by `complete.lua` like any stale outcome.
     async fn completion_loop(
         self: Arc<Self>,
         mut rx: mpsc::UnboundedReceiver<(u16, Completion)>,
         shutdown: CancellationToken,
     ) {
         let mut batch = Vec::new();
+        let mut unrecorded: Vec<(u16, Completion)> = Vec::new();
+        let mut stopping = false;
         loop {
+            let retry_due = !unrecorded.is_empty();
             let received = tokio::select! {
                 // Stop taking new outcomes, but record those already received.
-                () = shutdown.cancelled() => { rx.close(); rx.recv_many(&mut batch, usize::MAX).await }
-                received = rx.recv_many(&mut batch, 512) => received,
+                () = shutdown.cancelled(), if !stopping => {
+                    stopping = true;
+                    rx.close();
+                    rx.recv_many(&mut batch, usize::MAX).await
+                }
+                received = rx.recv_many(&mut batch, 512), if !stopping => received,
+                () = tokio::time::sleep(Duration::from_millis(500)), if retry_due => 0,
             };
-            if received == 0 {
+            batch.append(&mut unrecorded);
+            if batch.is_empty() && (received == 0 || stopping) {
                 return;
             }
             let mut by_partition: HashMap<u16, Vec<Completion>> = HashMap::new();
@@ -540,8 +572,7 @@ impl Engine {
                 by_partition.entry(partition).or_default().push(completion);
             }
             for (partition, completions) in by_partition {
-                let now = now_ms();
-                match self.store.complete(partition, now, &completions).await {
+                match self.store.complete(partition, now_ms(), &completions).await {
                     Ok((_, stale)) => {
                         if stale > 0 {
                             info!(
@@ -557,11 +588,20 @@ impl Engine {
                             }
                         }
                     }
-                    // The leases stay in Redis and expire back to due: nothing is lost.
+                    // At shutdown the leases take over: they expire back to due.
+                    Err(err) if stopping => {
+                        warn!(partition, error = %err, count = completions.len(), "recording outcomes failed at shutdown; their steps go out again when the leases expire");
+                    }
                     Err(err) => {
-                        warn!(partition, error = %err, count = completions.len(), "recording outcomes failed; their steps go out again when the leases expire")
+                        if unrecorded.is_empty() {
+                            warn!(partition, error = %err, count = completions.len(), "recording outcomes failed; retrying every 500 ms");
+                        }
+                        unrecorded.extend(completions.into_iter().map(|c| (partition, c)));
                     }
                 }
+            }
+            if stopping {
+                return;
             }
         }
     }

@@ -199,6 +199,7 @@ impl Store {
             retention_secs,
             scripts: std::sync::Arc::new(Scripts::load()),
         };
+        store.check_redis_config().await?;
         store.check_partitions().await?;
         Ok(store)
     }
@@ -206,6 +207,40 @@ impl Store {
     /// Partitions of this deployment.
     pub fn partitions(&self) -> u16 {
         self.partitions
+    }
+
+    /// Refuses a Redis that may evict keys (a lost timer is a lost reminder, a lost
+    /// request id a duplicate enrollment) and warns when it keeps no append-only file.
+    /// Reads `INFO`, which managed Redis services allow even where `CONFIG` is disabled.
+    async fn check_redis_config(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let memory: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await?;
+        let persistence: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut conn)
+            .await?;
+        let field = |info: &str, name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(|value| value.trim().to_owned())
+        };
+        match field(&memory, "maxmemory_policy") {
+            Some(policy) if policy != "noeviction" => {
+                return Err(Error::Config(format!(
+                    "Redis maxmemory-policy is {policy}: Redis could evict Touchpoint's keys (timers, runs, idempotency keys); set maxmemory-policy noeviction"
+                )));
+            }
+            _ => {}
+        }
+        if field(&persistence, "aof_enabled").as_deref() == Some("0") {
+            tracing::warn!(
+                "Redis keeps no append-only file (appendonly no): enrollments and outcomes since the last snapshot are lost if Redis restarts; set appendonly yes"
+            );
+        }
+        Ok(())
     }
 
     async fn check_partitions(&self) -> Result<()> {
