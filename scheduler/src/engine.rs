@@ -13,7 +13,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -72,6 +75,10 @@ pub(crate) struct Engine {
     in_flight: Mutex<HashMap<String, InFlight>>,
     completions: mpsc::UnboundedSender<(u16, Completion)>,
     tasks: TaskTracker,
+    /// Cancelled when the scheduler stops; ends worker streams.
+    shutdown: CancellationToken,
+    /// Set by [`Engine::begin_shutdown`]: nothing more is handed out.
+    draining: AtomicBool,
 }
 
 /// What to do with a claimed run.
@@ -110,6 +117,8 @@ impl Engine {
             in_flight: Mutex::new(HashMap::new()),
             completions,
             tasks: TaskTracker::new(),
+            shutdown: shutdown.clone(),
+            draining: AtomicBool::new(false),
         });
         engine
             .tasks
@@ -384,6 +393,9 @@ impl Engine {
             detail,
             entry: None,
         };
+        if self.draining.load(Ordering::SeqCst) {
+            return Some(hold_back("the scheduler is stopping".to_owned(), 0));
+        }
         let (connection, worker_id, sender) = match self.workers.reserve(&task.channel) {
             Ok(reserved) => reserved,
             Err(NoWorker::ForChannel) => {
@@ -452,6 +464,38 @@ impl Engine {
             result.detail,
             retry_after,
         );
+    }
+
+    /// Completes when the scheduler stops; worker streams end with it.
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Stops handing out steps and gives every step held by a worker back to `due` at
+    /// once, so another scheduler hands it out without waiting for the lease. The attempt
+    /// is not counted (its outcome is unknown, and a restart must not fail runs); the
+    /// idempotency key stays the same. A late report of such a step is refused.
+    pub(crate) fn begin_shutdown(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let held: Vec<(String, InFlight)> = lock(&self.in_flight).drain().collect();
+        if !held.is_empty() {
+            info!(count = held.len(), "handing back steps held by workers");
+        }
+        let now = now_ms();
+        for (run_id, f) in held {
+            let completion = Completion {
+                run_id,
+                fence: f.fence,
+                op: Op::Retry {
+                    index: f.step_index,
+                    due_ms: now,
+                    attempt: f.attempt,
+                },
+                detail: "handed back when the scheduler stopped".to_owned(),
+                entry: None,
+            };
+            let _ = self.completions.send((f.partition, completion));
+        }
     }
 
     /// A worker's stream ended: every step it held is retried as a failed attempt.

@@ -134,6 +134,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     info!(%addr, scheduler = %scheduler_id, partitions = args.partitions, "touchpoint-scheduler listening");
     let stop_on_shutdown = stop.clone();
+    let engine_on_shutdown = Arc::clone(&engine);
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -160,6 +161,8 @@ pub async fn run(
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
+            info!("stopping: no more steps are handed out");
+            engine_on_shutdown.begin_shutdown();
             stop_on_shutdown.cancel();
         })
         .await;

@@ -2,7 +2,7 @@
 
 use std::{pin::Pin, sync::Arc};
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -80,9 +80,16 @@ impl WorkerService for WorkerApi {
                 .register(hello.worker_id, hello.channels, hello.capacity, sender);
         self.engine.nudge();
         let engine = Arc::clone(&self.engine);
+        let stopped = self.engine.shutdown_token().clone();
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
+                // At shutdown stop reading too: dropping our half resets the stream, so
+                // a worker still sending cannot hold the server's graceful shutdown.
+                let message = tokio::select! {
+                    () = stopped.cancelled() => break,
+                    message = inbound.message() => message,
+                };
+                match message {
                     Ok(Some(WorkerMessage {
                         kind: Some(worker_message::Kind::Result(result)),
                     })) => {
@@ -102,6 +109,10 @@ impl WorkerService for WorkerApi {
             engine.on_worker_gone(connection);
             engine.nudge();
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        // The stream ends when the scheduler stops, so the worker re-attaches elsewhere
+        // and the server's graceful shutdown is not held up by it.
+        let tasks = ReceiverStream::new(receiver)
+            .take_until(self.engine.shutdown_token().clone().cancelled_owned());
+        Ok(Response::new(Box::pin(tasks)))
     }
 }
