@@ -6,6 +6,7 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
+        "proto/touchpoint/v1/dlq.proto",
         "proto/touchpoint/v1/playbook.proto",
         "proto/touchpoint/v1/run.proto",
         "proto/touchpoint/v1/worker.proto",

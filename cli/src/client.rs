@@ -10,6 +10,7 @@ use tonic::service::{Interceptor, interceptor::InterceptedService};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status, TimeoutExpired};
 use touchpoint_proto::MAX_MESSAGE_BYTES;
+use touchpoint_proto::v1::dead_letter_service_client::DeadLetterServiceClient;
 use touchpoint_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use touchpoint_proto::v1::playbook_service_client::PlaybookServiceClient;
 use touchpoint_proto::v1::run_service_client::RunServiceClient;
@@ -117,6 +118,13 @@ impl Client {
     /// The run service.
     pub(crate) fn runs(&self) -> RunServiceClient<Service> {
         RunServiceClient::with_interceptor(self.channel.clone(), self.metadata.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// The dead-letter service.
+    pub(crate) fn dead_letters(&self) -> DeadLetterServiceClient<Service> {
+        DeadLetterServiceClient::with_interceptor(self.channel.clone(), self.metadata.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }

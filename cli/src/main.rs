@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::client::{Client, GLOBAL, ServerArgs};
-use crate::commands::{dev, enroll, playbook, run};
+use crate::commands::{dev, dlq, enroll, playbook, run};
 use crate::output::Format;
 
 /// Exit code of a failed request (bad usage exits with clap's 2).
@@ -42,6 +42,9 @@ enum Command {
     /// List, read and cancel runs.
     #[command(subcommand)]
     Run(run::RunCommand),
+    /// List and retry dead letters: runs that failed at a step.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
     /// Run a whole local stack (Redis, scheduler, console worker) until Ctrl-C.
     Dev(dev::DevArgs),
 }
@@ -73,6 +76,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Enroll(args) => enroll::run(args, &Client::connect(&server).await?, output).await,
         Command::Run(command) => run::run(command, &Client::connect(&server).await?, output).await,
+        Command::Dlq(command) => dlq::run(command, &Client::connect(&server).await?, output).await,
     }
 }
 
@@ -141,6 +145,9 @@ mod tests {
             &["playbook", "get", "p", "--version", "zero"],
             &["playbook", "list", "-o", "xml"],
             &["run", "get", "r-1", "--timeout", "soon"],
+            &["dlq", "retry"],
+            &["dlq", "retry", "r-1", "--playbook", "p"],
+            &["dlq", "list", "--limit", "0"],
             &["nonsense"],
         ] {
             match parse(args) {

@@ -3,6 +3,7 @@
 //! `proto/touchpoint/v1/*.proto` compiled at build time (no protoc needed):
 //! - [`v1::playbook_service_server`] / client: apply, get, list playbooks;
 //! - [`v1::enrollment_service_server`] and [`v1::run_service_server`]: start, read, cancel runs;
+//! - [`v1::dead_letter_service_server`]: list and retry runs that failed at a step;
 //! - [`v1::worker_service_server`]: the worker stream (Hello, Task, TaskResult).
 //!
 //! [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use touchpoint_proto::{
     MAX_MESSAGE_BYTES,
     v1::{
+        dead_letter_service_server::DeadLetterServiceServer,
         enrollment_service_server::EnrollmentServiceServer,
         playbook_service_server::PlaybookServiceServer, run_service_server::RunServiceServer,
         worker_service_server::WorkerServiceServer,
@@ -36,7 +37,7 @@ use touchpoint_proto::{
 use tracing::info;
 
 use crate::{
-    api::{EnrollmentApi, PlaybookApi, RunApi, WorkerApi},
+    api::{DeadLetterApi, EnrollmentApi, PlaybookApi, RunApi, WorkerApi},
     engine::{Engine, EngineConfig},
     playbook_cache::PlaybookCache,
     store::Store,
@@ -122,6 +123,9 @@ pub async fn run(
         .await;
     health.set_serving::<RunServiceServer<RunApi>>().await;
     health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+    health
+        .set_serving::<DeadLetterServiceServer<DeadLetterApi>>()
+        .await;
     let reflection = |builder: tonic_reflection::server::Builder<'static>| {
         builder
             .register_encoded_file_descriptor_set(touchpoint_proto::FILE_DESCRIPTOR_SET)
@@ -152,8 +156,16 @@ pub async fn run(
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            RunServiceServer::new(RunApi::new(store.clone(), playbooks))
+            RunServiceServer::new(RunApi::new(store.clone(), Arc::clone(&playbooks)))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            DeadLetterServiceServer::new(DeadLetterApi::new(
+                store.clone(),
+                playbooks,
+                Arc::clone(&engine),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             WorkerServiceServer::new(WorkerApi::new(Arc::clone(&engine)))

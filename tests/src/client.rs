@@ -7,16 +7,18 @@ use std::{
 
 use tonic::transport::{Channel, Endpoint};
 use touchpoint_proto::v1::{
-    self, GetRunRequest, Run, RunStatus, enrollment_service_client::EnrollmentServiceClient,
+    self, GetRunRequest, Run, RunStatus, dead_letter_service_client::DeadLetterServiceClient,
+    enrollment_service_client::EnrollmentServiceClient,
     playbook_service_client::PlaybookServiceClient, run_service_client::RunServiceClient,
 };
 
-/// The three client-facing services of one scheduler over one channel.
+/// The client-facing services of one scheduler over one channel.
 #[derive(Debug, Clone)]
 pub struct TouchpointClient {
     pub playbooks: PlaybookServiceClient<Channel>,
     pub enrollments: EnrollmentServiceClient<Channel>,
     pub runs: RunServiceClient<Channel>,
+    pub dead_letters: DeadLetterServiceClient<Channel>,
 }
 
 impl TouchpointClient {
@@ -51,7 +53,8 @@ impl TouchpointClient {
         let mut client = Self {
             playbooks: PlaybookServiceClient::new(channel.clone()),
             enrollments: EnrollmentServiceClient::new(channel.clone()),
-            runs: RunServiceClient::new(channel),
+            runs: RunServiceClient::new(channel.clone()),
+            dead_letters: DeadLetterServiceClient::new(channel),
         };
         client
             .playbooks

@@ -163,6 +163,7 @@ async fn health_and_reflection_answer_like_grpcurl_expects() {
         "",
         "touchpoint.v1.PlaybookService",
         "touchpoint.v1.WorkerService",
+        "touchpoint.v1.DeadLetterService",
     ] {
         let answer = health
             .check(HealthCheckRequest {
@@ -195,6 +196,7 @@ async fn health_and_reflection_answer_like_grpcurl_expects() {
         "touchpoint.v1.EnrollmentService",
         "touchpoint.v1.RunService",
         "touchpoint.v1.WorkerService",
+        "touchpoint.v1.DeadLetterService",
         "grpc.health.v1.Health",
     ] {
         assert!(

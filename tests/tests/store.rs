@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use touchpoint_scheduler::{
     run::{RunStatus, new_run_id},
-    store::{Completion, ContactRecord, NewRun, Op, Store},
+    store::{Completion, ContactRecord, NewRun, Op, Retried, Store},
 };
 use touchpoint_tests::RedisServer;
 
@@ -235,4 +235,247 @@ async fn a_deployment_keeps_its_partition_count() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("--partitions 4"), "{err}");
+}
+
+/// A failed timeline entry at step `index`, as the engine records one.
+fn failed_entry(index: usize, detail: &str) -> touchpoint_scheduler::run::TimelineEntry {
+    touchpoint_scheduler::run::TimelineEntry {
+        index,
+        outcome: touchpoint_scheduler::run::StepOutcome::Failed,
+        attempts: 3,
+        due_ms: 10,
+        done_ms: 20,
+        worker: "w-1".into(),
+        channel: "wecom".into(),
+        detail: detail.into(),
+    }
+}
+
+/// Enrolls a run of `playbook` at `now` in `partition`, claims it and fails it at step 0
+/// with a failed timeline entry (a dead letter) or without one (`entry: false`).
+async fn fail_run(store: &Store, partition: u16, playbook: &str, now: i64, entry: bool) -> String {
+    let mut run = new_run(partition, &format!("c-{now}"), None, now);
+    run.playbook = playbook.into();
+    let (run_id, _) = store.enroll(&run).await.expect("enroll");
+    let claim = store
+        .claim(partition, now, 1000, 60_000)
+        .await
+        .expect("claim");
+    let fence = claim
+        .runs
+        .iter()
+        .find(|r| r.run_id == run_id)
+        .map(|r| r.fence)
+        .expect("the new run is claimed");
+    let failed = Completion {
+        run_id: run_id.clone(),
+        fence,
+        op: Op::Finish {
+            index: 0,
+            status: RunStatus::Failed,
+        },
+        detail: "attempt 3: HTTP 503".into(),
+        entry: entry.then(|| failed_entry(0, "gave up after 3 attempts: HTTP 503")),
+    };
+    assert_eq!(
+        store
+            .complete(partition, now, &[failed])
+            .await
+            .expect("complete"),
+        (1, 0)
+    );
+    run_id
+}
+
+async fn ttl(redis: &RedisServer, run_id: &str, partition: u16) -> i64 {
+    let mut conn = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the test redis");
+    redis::cmd("TTL")
+        .arg(format!("t:{{p{partition}}}:run:{run_id}"))
+        .query_async(&mut conn)
+        .await
+        .expect("TTL")
+}
+
+#[tokio::test]
+async fn a_run_failed_at_a_step_is_dead_lettered_without_expiry_until_retried() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let dead = fail_run(&store, 1, "p", 100, true).await;
+    // Failing without a step entry (the playbook version cannot be loaded) is not a dead letter.
+    let not_dead = fail_run(&store, 1, "p", 200, false).await;
+
+    let listed = store.dead_letters(None, None, 10).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|e| e.run_id.as_str()).collect::<Vec<_>>(),
+        [dead.as_str()]
+    );
+    assert_eq!(listed[0].failed_at_ms, 100);
+    assert_eq!(listed[0].partition, 1);
+    assert_eq!(
+        ttl(&redis, &dead, 1).await,
+        -1,
+        "a dead letter does not expire"
+    );
+    let other = ttl(&redis, &not_dead, 1).await;
+    assert!(other > 0 && other <= 60, "ttl {other}");
+
+    assert_eq!(
+        store.retry_dead_letter(&not_dead, 300).await.unwrap(),
+        Retried::NotDeadLettered
+    );
+    assert_eq!(
+        store.retry_dead_letter(&new_run_id(1), 300).await.unwrap(),
+        Retried::NotFound
+    );
+    assert_eq!(
+        store.retry_dead_letter("nonsense", 300).await.unwrap(),
+        Retried::NotFound
+    );
+
+    assert_eq!(
+        store.retry_dead_letter(&dead, 300).await.unwrap(),
+        Retried::Retried
+    );
+    assert!(store.dead_letters(None, None, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .dead_letters(Some("p"), None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let run = store.get_run(&dead).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Active);
+    assert_eq!((run.step_index, run.attempt, run.due_ms), (0, 1, 300));
+    assert!(run.timeline.is_empty(), "{:?}", run.timeline);
+    assert!(run.detail.is_empty(), "{}", run.detail);
+    assert_eq!(ttl(&redis, &dead, 1).await, -1);
+    assert_eq!(
+        store.retry_dead_letter(&dead, 310).await.unwrap(),
+        Retried::NotDeadLettered,
+        "retried once"
+    );
+
+    // Due again at the same step, first attempt.
+    let claim = store.claim(1, 300, 10, 60_000).await.unwrap();
+    assert_eq!(claim.runs.len(), 1);
+    assert_eq!(claim.runs[0].run_id, dead);
+    assert_eq!((claim.runs[0].step_index, claim.runs[0].attempt), (0, 1));
+}
+
+#[tokio::test]
+async fn the_retry_keeps_the_timeline_of_earlier_steps() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let (run_id, _) = store.enroll(&new_run(2, "c-t", None, 10)).await.unwrap();
+    let claim = store.claim(2, 10, 10, 60_000).await.unwrap();
+    let mut done = failed_entry(0, "HTTP 200");
+    done.outcome = touchpoint_scheduler::run::StepOutcome::Done;
+    let next = Completion {
+        run_id: run_id.clone(),
+        fence: claim.runs[0].fence,
+        op: Op::Next {
+            index: 1,
+            due_ms: 20,
+        },
+        detail: String::new(),
+        entry: Some(done.clone()),
+    };
+    assert_eq!(store.complete(2, 10, &[next]).await.unwrap(), (1, 0));
+    let claim = store.claim(2, 20, 10, 60_000).await.unwrap();
+    let failed = Completion {
+        run_id: run_id.clone(),
+        fence: claim.runs[0].fence,
+        op: Op::Finish {
+            index: 1,
+            status: RunStatus::Failed,
+        },
+        detail: "attempt 1: HTTP 400".into(),
+        entry: Some(failed_entry(1, "HTTP 400")),
+    };
+    assert_eq!(store.complete(2, 30, &[failed]).await.unwrap(), (1, 0));
+    assert_eq!(
+        store
+            .get_run(&run_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .timeline
+            .len(),
+        2
+    );
+
+    assert_eq!(
+        store.retry_dead_letter(&run_id, 40).await.unwrap(),
+        Retried::Retried
+    );
+    let run = store.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(run.timeline, [done], "only the failed line is dropped");
+    assert_eq!((run.status, run.step_index), (RunStatus::Active, 1));
+}
+
+#[tokio::test]
+async fn dead_letters_list_newest_first_across_partitions_by_page() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    // 30 dead letters over every partition, two playbooks.
+    let mut expected = Vec::new();
+    for i in 0..30_i64 {
+        // Pairs fail in the same ms in one partition, and pairs of pairs in two.
+        let partition = u16::try_from(i / 2 % 4).unwrap();
+        let playbook = if i % 3 == 0 { "a" } else { "b" };
+        let now = 1000 + i / 4 * 10;
+        let run_id = fail_run(&store, partition, playbook, now, true).await;
+        expected.push((now, run_id, playbook));
+    }
+    expected.sort_by(|x, y| (y.0, &y.1).cmp(&(x.0, &x.1)));
+
+    for (filter, page) in [
+        (None, 1),
+        (None, 7),
+        (Some("a"), 3),
+        (Some("b"), 16),
+        (None, 100),
+    ] {
+        let want: Vec<&str> = expected
+            .iter()
+            .filter(|(_, _, p)| filter.is_none_or(|f| f == *p))
+            .map(|(_, id, _)| id.as_str())
+            .collect();
+        let mut got = Vec::new();
+        let mut cursor = None;
+        loop {
+            let entries = store
+                .dead_letters(filter, cursor.as_ref(), page)
+                .await
+                .unwrap();
+            assert!(entries.len() <= page);
+            cursor = entries.last().map(|e| e.cursor());
+            let full = entries.len() == page;
+            got.extend(entries.into_iter().map(|e| e.run_id));
+            if !full {
+                break;
+            }
+        }
+        assert_eq!(got, want, "filter {filter:?}, page {page}");
+    }
+
+    let retried = store
+        .retry_dead_letters_of_playbook("a", 2, 5000)
+        .await
+        .unwrap();
+    let total: u64 = retried.iter().map(|(_, n)| n).sum();
+    assert_eq!(total, 10);
+    assert!(
+        store
+            .dead_letters(Some("a"), None, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.dead_letters(None, None, 100).await.unwrap().len(), 20);
 }

@@ -69,6 +69,23 @@ impl Keys {
     pub fn enroll_request(&self, partition: u16, request_id: &str) -> String {
         format!("{}:req:{request_id}", self.partition(partition))
     }
+
+    /// Sorted set: run id → when it failed (ms), for every dead-lettered run of the
+    /// partition (failed at an action step, waiting to be retried).
+    pub fn dead(&self, partition: u16) -> String {
+        format!("{}:dead", self.partition(partition))
+    }
+
+    /// Prefix of the per-playbook dead-letter sets of a partition (same members and
+    /// scores as [`Keys::dead`], one set per playbook); the playbook name follows.
+    pub fn dead_playbook_prefix(&self, partition: u16) -> String {
+        format!("{}:dead:", self.partition(partition))
+    }
+
+    /// Sorted set: the dead-lettered runs of one playbook in one partition.
+    pub fn dead_playbook(&self, partition: u16, playbook: &str) -> String {
+        format!("{}{playbook}", self.dead_playbook_prefix(partition))
+    }
 }
 
 #[cfg(test)]
@@ -92,6 +109,8 @@ mod tests {
             format!("{}r1", keys.run_prefix(p)),
             format!("{}c1", keys.contact_prefix(p)),
             keys.enroll_request(p, "req"),
+            keys.dead(p),
+            keys.dead_playbook(p, "welcome"),
         ];
         for key in &all {
             assert_eq!(hash_tag(key), "p17", "{key}");

@@ -4,6 +4,7 @@
 //! partition, so they are atomic and Redis-Cluster-legal. See [`keys`] for the layout.
 
 mod contact;
+mod dead_letters;
 pub mod keys;
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use serde::{Deserialize, Serialize};
 
 pub use contact::ContactRecord;
+pub use dead_letters::{DeadLetterCursor, DeadLetterEntry, Retried};
 pub use keys::Keys;
 
 use crate::run::{RunStatus, TimelineEntry, partition_of_run};
@@ -45,6 +47,7 @@ struct Scripts {
     claim: Script,
     complete: Script,
     cancel: Script,
+    retry_dead: Script,
 }
 
 impl Scripts {
@@ -55,6 +58,7 @@ impl Scripts {
             claim: Script::new(include_str!("lua/claim.lua")),
             complete: Script::new(include_str!("lua/complete.lua")),
             cancel: Script::new(include_str!("lua/cancel.lua")),
+            retry_dead: Script::new(include_str!("lua/retry_dead.lua")),
         }
     }
 }
@@ -400,9 +404,11 @@ impl Store {
         invocation
             .key(self.keys.due(partition))
             .key(self.keys.lease(partition))
+            .key(self.keys.dead(partition))
             .arg(self.keys.run_prefix(partition))
             .arg(now_ms)
-            .arg(self.retention_secs);
+            .arg(self.retention_secs)
+            .arg(self.keys.dead_playbook_prefix(partition));
         for completion in completions {
             let (op, index, due_ms, attempt, status) = match &completion.op {
                 Op::Next { index, due_ms } => ("next", *index, *due_ms, 1, ""),
@@ -428,7 +434,8 @@ impl Store {
                         .as_ref()
                         .map(TimelineEntry::to_line)
                         .unwrap_or_default(),
-                );
+                )
+                .arg(if completion.dead_letters() { "1" } else { "" });
         }
         let (applied, stale): (u64, u64) = invocation.invoke_async(&mut conn).await?;
         Ok((applied, stale))
