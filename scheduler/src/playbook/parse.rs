@@ -114,7 +114,11 @@ pub fn parse(yaml: &str) -> Result<Playbook, Violations> {
 
 /// Turns a serde error at `field` into a violation whose path ends at the offending key.
 fn serde_violation(field: String, message: &str) -> Violation {
-    let field = if field == "." { String::new() } else { field };
+    let field = if field == "." {
+        String::new()
+    } else {
+        escape_controls(&field)
+    };
     let join = |parent: &str, key: &str| {
         if parent.is_empty() {
             key.to_owned()
@@ -146,6 +150,16 @@ fn serde_violation(field: String, message: &str) -> Violation {
     Violation {
         field,
         description: message.to_owned(),
+    }
+}
+
+/// A key written with control characters (a quoted YAML key can hold a newline) is
+/// shown escaped, so an error stays one line.
+fn escape_controls(text: &str) -> String {
+    if text.chars().any(char::is_control) {
+        text.escape_debug().to_string()
+    } else {
+        text.to_owned()
     }
 }
 
