@@ -1,5 +1,5 @@
 //! The scheduler against an unfriendly Redis: one configured to evict keys is refused,
-//! one without an append-only file is used with a warning, and one that goes away for
+//! one without an append-only file is used with a warning, and one that is stopped for
 //! a few seconds makes API calls fail fast while timers pause and then catch up, late
 //! but never skipped and never doubled.
 
@@ -59,7 +59,9 @@ async fn a_redis_without_an_append_only_file_is_used_with_a_warning() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_for_five_seconds_fails_calls_fast_and_timers_catch_up() {
-    let mut stack = Stack::start(NODE, &[], &["wecom"]).await;
+    // A short lease: a claim whose answer Redis could not send before stopping comes
+    // back after it.
+    let mut stack = Stack::start(NODE, &["--lease", "5s"], &["wecom"]).await;
     stack
         .apply(
             "name: outage\nsteps:\n  - {id: greet, action: send_message, channel: wecom}\n  \
@@ -78,7 +80,21 @@ async fn redis_down_for_five_seconds_fails_calls_fast_and_timers_catch_up() {
     }
     stack.receiver.wait_for(5, TIMEOUT).await;
 
-    stack.redis.kill();
+    // Stop Redis cleanly (it writes out its append-only file and exits).
+    let mut conn = stack
+        .redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _ = redis::cmd("SHUTDOWN").query_async::<()>(&mut conn).await;
+    assert!(
+        eventually(TIMEOUT, || {
+            let running = stack.redis.is_running();
+            async move { !running }
+        })
+        .await
+    );
     let started = std::time::Instant::now();
     let err = tokio::time::timeout(
         Duration::from_secs(10),
