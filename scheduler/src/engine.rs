@@ -6,7 +6,9 @@
 //! either settles it at once (a wait that elapsed, a step whose `if` is false, a step
 //! with no worker to take it) or hands it to a worker. Workers' results come back
 //! through [`Engine::on_result`] and are applied in batches per partition
-//! (`complete.lua`), which schedules the next step in the same atomic call.
+//! (`complete.lua`), which schedules the next step in the same atomic call. Workers'
+//! heartbeats extend the leases of what they still hold ([`Engine::on_heartbeat`],
+//! `extend.lua`).
 //!
 //! Nothing lives only in memory: a scheduler killed at any point leaves every run
 //! either due or leased in Redis, and leases expire back to due.
@@ -418,7 +420,15 @@ impl Engine {
         let message = SchedulerMessage {
             kind: Some(scheduler_message::Kind::Task(task)),
         };
-        lock(&self.in_flight).insert(run_id.clone(), in_flight);
+        let superseded = lock(&self.in_flight).insert(run_id.clone(), in_flight);
+        if let Some(old) = superseded {
+            // The step's earlier lease expired while a worker of this scheduler held it.
+            // That worker's late result will be ignored (its fence is stale), so give its
+            // slot back now, or it would count as busy for as long as it stays connected,
+            // and hand it nothing new until it shows signs of life.
+            self.workers.release(old.connection);
+            self.workers.mark_unresponsive(old.connection);
+        }
         if sender.try_send(Ok(message)).is_err() {
             // The worker's stream is gone or full; take the step back.
             let in_flight = lock(&self.in_flight).remove(&run_id)?;
@@ -464,6 +474,69 @@ impl Engine {
             result.detail,
             retry_after,
         );
+    }
+
+    /// A worker's heartbeat: extends the lease of every listed task that this connection
+    /// holds under the listed fencing token, by the lease duration from now, one
+    /// `extend.lua` call per partition (in the background, so the worker's results keep
+    /// flowing meanwhile). Tasks the connection does not hold (reported, handed back,
+    /// never its own) are left out; leases that expired or were superseded in Redis are
+    /// not extended, and the late result of such a task is refused as any stale outcome.
+    pub(crate) fn on_heartbeat(
+        self: &Arc<Self>,
+        connection: ConnectionId,
+        heartbeat: v1::Heartbeat,
+    ) {
+        let mut by_partition: HashMap<u16, Vec<(String, u64)>> = HashMap::new();
+        {
+            let map = lock(&self.in_flight);
+            for task in heartbeat.tasks {
+                if let Some(f) = map.get(&task.run_id)
+                    && f.fence == task.fencing_token
+                    && f.connection == connection
+                {
+                    by_partition
+                        .entry(f.partition)
+                        .or_default()
+                        .push((task.run_id, task.fencing_token));
+                }
+            }
+        }
+        if by_partition.is_empty() {
+            return;
+        }
+        let engine = Arc::clone(self);
+        tokio::spawn(async move { engine.extend_leases(by_partition).await });
+    }
+
+    async fn extend_leases(&self, by_partition: HashMap<u16, Vec<(String, u64)>>) {
+        let lease_ms = u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX);
+        let now = now_ms();
+        let calls = by_partition.iter().map(|(partition, tasks)| async move {
+            (
+                *partition,
+                tasks,
+                self.store.extend(*partition, now, lease_ms, tasks).await,
+            )
+        });
+        for (partition, tasks, extended) in futures::future::join_all(calls).await {
+            match extended {
+                Ok(extended) if extended.len() < tasks.len() => {
+                    let lost: Vec<&str> = tasks
+                        .iter()
+                        .map(|(run_id, _)| run_id.as_str())
+                        .filter(|run_id| !extended.iter().any(|e| e == run_id))
+                        .collect();
+                    info!(partition, runs = ?lost, "heartbeat for leases that expired or were superseded; not extended (their results will be refused)");
+                }
+                Ok(extended) => {
+                    debug!(partition, count = extended.len(), "leases extended");
+                }
+                Err(err) => {
+                    warn!(partition, error = %err, count = tasks.len(), "extending leases failed; they expire unless the next heartbeat gets through");
+                }
+            }
+        }
     }
 
     /// Completes when the scheduler stops; worker streams end with it.

@@ -20,6 +20,9 @@ struct Worker {
     channels: Vec<String>,
     capacity: u32,
     in_flight: u32,
+    /// Lost a lease without reporting or heartbeating (hung, or frozen): gets no new
+    /// tasks until it says anything again.
+    unresponsive: bool,
     sender: WorkerSender,
 }
 
@@ -70,6 +73,7 @@ impl Workers {
                 channels,
                 capacity,
                 in_flight: 0,
+                unresponsive: false,
                 sender,
             },
         );
@@ -96,11 +100,26 @@ impl Workers {
             return Err(NoWorker::ForChannel);
         }
         let (id, worker) = serving
-            .filter(|(_, w)| w.in_flight < w.capacity)
+            .filter(|(_, w)| w.in_flight < w.capacity && !w.unresponsive)
             .min_by_key(|(_, w)| u64::from(w.in_flight) * 1_000_000 / u64::from(w.capacity.max(1)))
             .ok_or(NoWorker::AllBusy)?;
         worker.in_flight += 1;
         Ok((*id, worker.worker_id.clone(), worker.sender.clone()))
+    }
+
+    /// A step this worker held went to another attempt because its lease expired: the
+    /// worker neither reported nor heartbeated in time, so it gets no new tasks for now.
+    pub(crate) fn mark_unresponsive(&self, connection: ConnectionId) {
+        if let Some(worker) = self.registry().workers.get_mut(&connection) {
+            worker.unresponsive = true;
+        }
+    }
+
+    /// The worker sent something (a result or a heartbeat): it is alive again.
+    pub(crate) fn heard_from(&self, connection: ConnectionId) {
+        if let Some(worker) = self.registry().workers.get_mut(&connection) {
+            worker.unresponsive = false;
+        }
     }
 
     /// Gives back a slot reserved with [`Self::reserve`].
@@ -115,6 +134,7 @@ impl Workers {
         self.registry()
             .workers
             .values()
+            .filter(|w| !w.unresponsive)
             .map(|w| w.capacity.saturating_sub(w.in_flight))
             .sum()
     }

@@ -479,3 +479,108 @@ async fn dead_letters_list_newest_first_across_partitions_by_page() {
     );
     assert_eq!(store.dead_letters(None, None, 100).await.unwrap().len(), 20);
 }
+
+/// The lease deadline of `run_id` in `partition` (None: not leased).
+async fn lease_deadline(redis: &RedisServer, run_id: &str, partition: u16) -> Option<i64> {
+    let mut conn = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the test redis");
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg(format!("t:{{p{partition}}}:lease"))
+        .arg(run_id)
+        .query_async(&mut conn)
+        .await
+        .expect("ZSCORE");
+    score.map(|s| s as i64)
+}
+
+/// A heartbeat extends a lease only under its current fencing token and only before it
+/// expired; a stale token (superseded by a later claim or a cancel) extends nothing.
+#[tokio::test]
+async fn a_heartbeat_extends_only_a_live_lease_under_its_fence() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let now = 1_000_000;
+    let (a, _) = store.enroll(&new_run(2, "c-a", None, now)).await.unwrap();
+    let (b, _) = store.enroll(&new_run(2, "c-b", None, now)).await.unwrap();
+    let claim = store.claim(2, now, 10, 100).await.unwrap();
+    let fence = |id: &str| claim.runs.iter().find(|r| r.run_id == id).unwrap().fence;
+    let (fa, fb) = (fence(&a), fence(&b));
+
+    // One call per partition; b is listed under a fence it never had.
+    let extended = store
+        .extend(2, now + 50, 100, &[(a.clone(), fa), (b.clone(), fb + 1)])
+        .await
+        .unwrap();
+    assert_eq!(extended, std::slice::from_ref(&a));
+    assert_eq!(lease_deadline(&redis, &a, 2).await, Some(now + 150));
+    assert_eq!(lease_deadline(&redis, &b, 2).await, Some(now + 100));
+    // A shorter lease never moves a deadline earlier.
+    assert_eq!(
+        store
+            .extend(2, now + 60, 10, &[(a.clone(), fa)])
+            .await
+            .unwrap(),
+        std::slice::from_ref(&a)
+    );
+    assert_eq!(lease_deadline(&redis, &a, 2).await, Some(now + 150));
+
+    // At now + 120 only b's lease has expired: a is still held, b goes out again.
+    let second = store.claim(2, now + 120, 10, 100).await.unwrap();
+    assert_eq!(second.expired, 1);
+    assert_eq!(second.runs.len(), 1);
+    assert_eq!(second.runs[0].run_id, b);
+    let fb2 = second.runs[0].fence;
+    assert!(fb2 > fb);
+    // The old holder of b is superseded: its heartbeat extends nothing.
+    assert!(
+        store
+            .extend(2, now + 130, 100, &[(b.clone(), fb)])
+            .await
+            .unwrap()
+            .is_empty(),
+        "a superseded lease must not be extended"
+    );
+    assert_eq!(lease_deadline(&redis, &b, 2).await, Some(now + 220));
+
+    // a's lease ran out at now + 150 and no claim has taken it back yet: still in the lease
+    // set, but expired, so a late heartbeat does not revive it.
+    assert!(
+        store
+            .extend(2, now + 150, 100, &[(a.clone(), fa)])
+            .await
+            .unwrap()
+            .is_empty(),
+        "an expired lease must not be extended"
+    );
+    assert_eq!(lease_deadline(&redis, &a, 2).await, Some(now + 150));
+
+    // Cancelling b bumps its fence and drops its lease: nothing to extend.
+    let entry = touchpoint_scheduler::run::TimelineEntry {
+        outcome: touchpoint_scheduler::run::StepOutcome::Cancelled,
+        ..failed_entry(0, "cancelled")
+    };
+    assert!(store.cancel(&b, now + 160, &entry).await.unwrap());
+    assert!(
+        store
+            .extend(2, now + 170, 100, &[(b.clone(), fb2)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(lease_deadline(&redis, &b, 2).await, None);
+
+    // The outcome under the extended, then expired, lease of a: refused once it went out
+    // again, as any stale outcome.
+    let third = store.claim(2, now + 200, 10, 100).await.unwrap();
+    assert_eq!(third.runs.len(), 1);
+    assert_eq!(
+        store
+            .complete(2, now + 210, &[finish(&a, fa)])
+            .await
+            .unwrap(),
+        (0, 1)
+    );
+}

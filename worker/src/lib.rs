@@ -7,12 +7,14 @@
 //!   and one folder per adapter kind: [`channel::log`], [`channel::webhook`].
 //! - `link`: the `WorkerService.Attach` stream to the scheduler: Hello, Tasks in,
 //!   TaskResults out, bounded concurrency, re-attach with backoff, drain on shutdown.
+//! - `heartbeat`: the tasks a stream holds, and the `Heartbeat`s that keep their leases.
 //!
 //! [`run`] serves the binary, `tp dev` and tests alike; [`main_with_args`] adds the
 //! command line and the signal handling.
 
 pub mod channel;
 pub mod config;
+mod heartbeat;
 mod link;
 
 use std::future::Future;

@@ -1,7 +1,8 @@
 //! The scheduler link: one long-lived `WorkerService.Attach` stream, re-attached forever.
 //!
 //! The worker says Hello (id, channels, capacity), waits for Welcome, then receives
-//! Tasks and answers each with a TaskResult. Every Task runs in its own tokio task,
+//! Tasks and answers each with a TaskResult; while it holds Tasks it sends Heartbeats that
+//! keep their leases (see `heartbeat`). Every Task runs in its own tokio task,
 //! bounded by a semaphore of `concurrency` slots, so a slow receiver never holds up
 //! the stream. Prost types stop here: adapters see [`Delivery`].
 
@@ -26,6 +27,7 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::WorkerConfig;
 use crate::channel::{self, Contact, Delivered, Delivery, Registry};
+use crate::heartbeat::{self, HeldTasks, Hold};
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -49,6 +51,8 @@ pub(crate) struct Link {
 struct Attached {
     results: mpsc::UnboundedSender<WorkerMessage>,
     tasks: Streaming<SchedulerMessage>,
+    /// The tasks that came on this stream and are not reported yet (for heartbeats).
+    held: HeldTasks,
 }
 
 impl Link {
@@ -97,7 +101,7 @@ impl Link {
                     match self.serve(&mut attached, &mut deliveries, &shutdown).await {
                         Ok(()) => {
                             // The stream is still open, so results still reach the scheduler.
-                            drain(&mut deliveries).await;
+                            drain_attached(&mut deliveries, &attached).await;
                             return;
                         }
                         Err(lost) => lost,
@@ -148,7 +152,11 @@ impl Link {
         match first.and_then(|message| message.kind) {
             Some(scheduler_message::Kind::Welcome(welcome)) => {
                 info!(scheduler_id = %welcome.scheduler_id, "attached to the scheduler");
-                Ok(Attached { results, tasks })
+                Ok(Attached {
+                    results,
+                    tasks,
+                    held: HeldTasks::default(),
+                })
             }
             Some(scheduler_message::Kind::Task(_)) => bail!("expected Welcome, got a Task"),
             None => bail!("the scheduler closed the stream before Welcome"),
@@ -170,9 +178,11 @@ impl Link {
                 Some(finished) = deliveries.join_next(), if !deliveries.is_empty() => {
                     report_panic(finished);
                 }
+                () = attached.held.due() => send_heartbeat(attached),
                 message = attached.tasks.message() => match message {
                     Ok(Some(SchedulerMessage { kind: Some(scheduler_message::Kind::Task(task)) })) => {
-                        self.start(task, &attached.results, deliveries);
+                        let hold = attached.held.hold(&task);
+                        self.start(task, hold, &attached.results, deliveries);
                     }
                     Ok(Some(_)) => debug!("ignoring a scheduler message that is not a Task"),
                     Ok(None) => bail!("the scheduler closed the stream"),
@@ -182,10 +192,12 @@ impl Link {
         }
     }
 
-    /// Runs one task in its own tokio task and sends its result on `results`.
+    /// Runs one task in its own tokio task and sends its result on `results`; the task is
+    /// heartbeated until then (`hold` is dropped once the result is sent).
     fn start(
         &self,
         task: Task,
+        hold: Hold,
         results: &mpsc::UnboundedSender<WorkerMessage>,
         deliveries: &mut JoinSet<()>,
     ) {
@@ -200,6 +212,7 @@ impl Link {
         let slots = Arc::clone(&self.slots);
         let results = results.clone();
         let delivery = async move {
+            let _hold = hold;
             // The semaphore is never closed, so this only waits for a free slot.
             let Ok(_slot) = slots.acquire_owned().await else {
                 return;
@@ -321,6 +334,23 @@ fn report_panic(finished: Result<(), JoinError>) {
         error!(
             "a delivery panicked; the scheduler hands its step out again when the lease expires"
         );
+    }
+}
+
+/// Sends the heartbeat that is due (if still due) for the tasks held on `attached`.
+fn send_heartbeat(attached: &Attached) {
+    if let Some(beat) = attached.held.beat(tokio::time::Instant::now()) {
+        // A closed stream is noticed by the task side; the leases then expire.
+        let _ = attached.results.send(heartbeat::message(beat));
+    }
+}
+
+/// [`drain`] while the stream is still open: deliveries that outlast their lease during
+/// shutdown keep it, so their results still count.
+async fn drain_attached(deliveries: &mut JoinSet<()>, attached: &Attached) {
+    tokio::select! {
+        () = drain(deliveries) => {}
+        () = attached.held.keep_beating(&attached.results) => {}
     }
 }
 

@@ -89,11 +89,19 @@ impl WorkerService for WorkerApi {
                     () = stopped.cancelled() => break,
                     message = inbound.message() => message,
                 };
+                if let Ok(Some(_)) = &message {
+                    engine.workers().heard_from(connection);
+                }
                 match message {
                     Ok(Some(WorkerMessage {
                         kind: Some(worker_message::Kind::Result(result)),
                     })) => {
                         engine.on_result(connection, result);
+                    }
+                    Ok(Some(WorkerMessage {
+                        kind: Some(worker_message::Kind::Heartbeat(heartbeat)),
+                    })) => {
+                        engine.on_heartbeat(connection, heartbeat);
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => {

@@ -46,6 +46,7 @@ struct Scripts {
     enroll: Script,
     claim: Script,
     complete: Script,
+    extend: Script,
     cancel: Script,
     retry_dead: Script,
 }
@@ -57,6 +58,7 @@ impl Scripts {
             enroll: Script::new(include_str!("lua/enroll.lua")),
             claim: Script::new(include_str!("lua/claim.lua")),
             complete: Script::new(include_str!("lua/complete.lua")),
+            extend: Script::new(include_str!("lua/extend.lua")),
             cancel: Script::new(include_str!("lua/cancel.lua")),
             retry_dead: Script::new(include_str!("lua/retry_dead.lua")),
         }
@@ -439,6 +441,34 @@ impl Store {
         }
         let (applied, stale): (u64, u64) = invocation.invoke_async(&mut conn).await?;
         Ok((applied, stale))
+    }
+
+    /// Extends the leases of `tasks` (run id, fencing token) of `partition` to
+    /// `now_ms + lease_ms`, each only while it is still held under that token and has not
+    /// expired. Returns the ids of the runs whose leases were extended.
+    pub async fn extend(
+        &self,
+        partition: u16,
+        now_ms: i64,
+        lease_ms: u64,
+        tasks: &[(String, u64)],
+    ) -> Result<Vec<String>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let deadline = now_ms.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX));
+        let mut invocation = self.scripts.extend.prepare_invoke();
+        invocation
+            .key(self.keys.lease(partition))
+            .arg(self.keys.run_prefix(partition))
+            .arg(now_ms)
+            .arg(deadline);
+        for (run_id, fence) in tasks {
+            invocation.arg(run_id).arg(*fence);
+        }
+        let extended: Vec<String> = invocation.invoke_async(&mut conn).await?;
+        Ok(extended)
     }
 
     /// Cancels an active run; false when it is missing or already finished.

@@ -1,0 +1,154 @@
+//! Lease heartbeats: a worker keeps the lease of a delivery that takes longer than the
+//! lease, so the step is not handed out again while it is still being delivered.
+//! (A worker that sends no heartbeats, because it hangs, loses its lease: see
+//! `restarts.rs`, `hung_worker_loses_its_lease_and_its_late_result_is_ignored`.)
+
+use std::time::Duration;
+
+use touchpoint_proto::v1::{ApplyStatus, RunStatus, StepStatus};
+use touchpoint_tests::{
+    ChannelConfig, SECRET_ENV, Stack, WorkerConfig, WorkerNode, contact, request_id, run_summary,
+    stays,
+};
+
+const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// With a 2 s lease, the receiver holds the first delivery for 6 s (three leases): the
+/// worker's heartbeats keep the lease, the step reaches the receiver once, and the run
+/// completes with the step done at attempt 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_longer_than_its_lease_keeps_it_and_goes_out_once() {
+    let mut stack = Stack::start(NODE, &["--lease", "2s"], &["wecom"]).await;
+    let yaml = r#"
+name: slow-receiver
+steps:
+  - id: greet
+    action: send_message
+    channel: wecom
+  - id: follow-up
+    action: send_message
+    channel: wecom
+"#;
+    assert_eq!(stack.apply(yaml).await.status(), ApplyStatus::Created);
+    stack.receiver.hold_next(Duration::from_secs(6));
+    let run = stack
+        .enroll("slow-receiver", contact("c-3001", &[], &[]), &request_id())
+        .await;
+    let first = stack.receiver.wait_for(1, TIMEOUT).await.remove(0);
+    assert_eq!((first.step(), first.attempt()), ("greet", 1));
+
+    // Past two lease lengths, the step is still in flight and was not handed out again.
+    let receiver = &stack.receiver;
+    let client = stack.client.clone();
+    let held = stays(Duration::from_secs(5), || {
+        let count = receiver.count();
+        let mut client = client.clone();
+        let run_id = run.run_id.clone();
+        async move {
+            let now = client.run(&run_id).await;
+            count == 1
+                && now.steps[0].status() == StepStatus::InFlight
+                && now.steps[0].attempts == 1
+        }
+    })
+    .await;
+    let now = stack.client.run(&run.run_id).await;
+    assert!(
+        held,
+        "the held step went out again or left in_flight:\n{}\n{}",
+        stack.receiver.summary(),
+        run_summary(&now)
+    );
+
+    let done = stack
+        .client
+        .wait_for_status(&run.run_id, RunStatus::Completed, TIMEOUT)
+        .await;
+    let requests = stack.receiver.requests();
+    let summary = stack.receiver.summary();
+    let timeline = run_summary(&done);
+    let steps: Vec<(&str, u64)> = requests.iter().map(|r| (r.step(), r.attempt())).collect();
+    assert_eq!(
+        steps,
+        [("greet", 1), ("follow-up", 1)],
+        "each step exactly once:\n{summary}\n{timeline}"
+    );
+    assert!(
+        requests[1]
+            .received_at
+            .duration_since(requests[0].received_at)
+            >= Duration::from_secs(6),
+        "the follow-up came before the held greeting was answered:\n{summary}"
+    );
+    let greet = &done.steps[0];
+    assert_eq!(greet.status(), StepStatus::Done, "{timeline}");
+    assert_eq!(greet.attempts, 1, "{timeline}");
+    assert_eq!(greet.worker, "w-1", "{timeline}");
+    assert_eq!(done.steps[1].attempts, 1, "{timeline}");
+    let log = stack.scheduler.process().log();
+    assert!(
+        !log.contains("leases expired; steps go out again"),
+        "a lease expired although the worker was heartbeating:\n{}",
+        stack.scheduler.process().log_tail(30)
+    );
+}
+
+/// Starts a worker of `stack` with concurrency 1 (its webhook channel `wecom` goes to the
+/// stack's receiver).
+fn start_single_slot_worker(stack: &mut Stack, worker_id: &str) {
+    let config = WorkerConfig {
+        concurrency: 1,
+        ..WorkerConfig::new()
+    }
+    .channel(ChannelConfig::webhook(
+        "wecom",
+        &stack.receiver.url(),
+        SECRET_ENV,
+    ));
+    let worker = WorkerNode::start(
+        NODE,
+        &stack.scheduler.endpoint(),
+        worker_id,
+        &config,
+        &[(SECRET_ENV, &stack.secret)],
+    );
+    stack.workers.push(worker);
+}
+
+/// A worker with one slot hangs (SIGSTOP: no heartbeats) and loses its lease; the step goes
+/// to another worker of the same scheduler. Once the hung worker wakes up and reports its
+/// stale attempt, its slot is free again: with the other worker gone, it takes the next
+/// step instead of being counted busy forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_lost_its_lease_gets_its_slot_back() {
+    let mut stack = Stack::start(NODE, &["--lease", "2s"], &[]).await;
+    start_single_slot_worker(&mut stack, "w-1");
+    let yaml = "name: one-step\nsteps:\n  - {id: greet, action: send_message, channel: wecom}\n";
+    assert_eq!(stack.apply(yaml).await.status(), ApplyStatus::Created);
+    stack.receiver.hold_next(Duration::from_secs(4));
+    let first = stack
+        .enroll("one-step", contact("c-3002", &[], &[]), &request_id())
+        .await;
+    stack.receiver.wait_for(1, TIMEOUT).await;
+    stack.worker("w-1").process().freeze();
+    start_single_slot_worker(&mut stack, "w-2");
+    let done = stack
+        .client
+        .wait_for_status(&first.run_id, RunStatus::Completed, TIMEOUT)
+        .await;
+    assert_eq!(done.steps[0].worker, "w-2", "{}", run_summary(&done));
+
+    stack.worker("w-1").process().thaw();
+    stack.worker("w-2").kill9();
+    let second = stack
+        .enroll("one-step", contact("c-3003", &[], &[]), &request_id())
+        .await;
+    let done = stack
+        .client
+        .wait_for_status(&second.run_id, RunStatus::Completed, TIMEOUT)
+        .await;
+    let timeline = run_summary(&done);
+    assert_eq!(done.steps[0].worker, "w-1", "{timeline}");
+    assert_eq!(done.steps[0].attempts, 1, "{timeline}");
+}

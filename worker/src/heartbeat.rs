@@ -1,0 +1,209 @@
+//! Lease heartbeats: while the worker holds tasks of a stream, it says so often enough
+//! that no lease runs out under a delivery that is still going.
+//!
+//! Each task is held from the moment it arrives (waiting for a free slot counts) until its
+//! result is sent. A task's heartbeat interval comes from its `deadline_ms`: a third of
+//! the lease that remained when it arrived, at most 1 s and at least 100 ms. Whenever the
+//! interval of some held task has passed, one `Heartbeat` goes out listing every task the
+//! stream holds, and every task's interval starts over. A delivery shorter than its
+//! interval (most of them) never causes a heartbeat.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{sync::mpsc, time::Instant};
+use touchpoint_proto::v1::{Heartbeat, Task, TaskRef, WorkerMessage, worker_message};
+
+/// The longest time between two heartbeats for a held task.
+pub(crate) const MAX_INTERVAL: Duration = Duration::from_secs(1);
+/// The shortest (a lease already short or gone when the task arrived, or clocks apart).
+pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often a task handed out with `deadline_ms` is heartbeated when it arrives at
+/// `now_ms` (both wall-clock ms); `None` when the task has no deadline (nothing to keep).
+pub(crate) fn interval(deadline_ms: i64, now_ms: i64) -> Option<Duration> {
+    if deadline_ms <= 0 {
+        return None;
+    }
+    let remaining = u64::try_from(deadline_ms.saturating_sub(now_ms)).unwrap_or(0);
+    Some(Duration::from_millis(remaining / 3).clamp(MIN_INTERVAL, MAX_INTERVAL))
+}
+
+#[derive(Debug)]
+struct Entry {
+    every: Duration,
+    next: Instant,
+}
+
+/// The tasks one stream holds, keyed by (run id, fencing token).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HeldTasks {
+    inner: Arc<Mutex<HashMap<(String, u64), Entry>>>,
+}
+
+/// Keeps a task in its [`HeldTasks`] until dropped (the result was sent, or the delivery
+/// was aborted).
+#[derive(Debug)]
+pub(crate) struct Hold {
+    held: HeldTasks,
+    key: Option<(String, u64)>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.held.lock().remove(&key);
+        }
+    }
+}
+
+impl HeldTasks {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(String, u64), Entry>> {
+        // Nothing here can be left half-updated by a panic.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Holds `task` from now until the returned [`Hold`] is dropped. A task without a
+    /// deadline is not heartbeated.
+    pub(crate) fn hold(&self, task: &Task) -> Hold {
+        let Some(every) = interval(task.deadline_ms, wall_clock_ms()) else {
+            return Hold {
+                held: self.clone(),
+                key: None,
+            };
+        };
+        let key = (task.run_id.clone(), task.fencing_token);
+        let entry = Entry {
+            every,
+            next: Instant::now() + every,
+        };
+        self.lock().insert(key.clone(), entry);
+        Hold {
+            held: self.clone(),
+            key: Some(key),
+        }
+    }
+
+    /// When the next heartbeat is due; `None` while nothing is held.
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        self.lock().values().map(|e| e.next).min()
+    }
+
+    /// Completes when the next heartbeat is due (never while nothing is held). Call it
+    /// again after anything is held: a newly held task may be due sooner.
+    pub(crate) async fn due(&self) {
+        match self.next_due() {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The heartbeat to send at `now`, when some held task's interval has passed: it lists
+    /// every held task, and every task's interval starts over.
+    pub(crate) fn beat(&self, now: Instant) -> Option<Heartbeat> {
+        let mut held = self.lock();
+        if !held.values().any(|e| e.next <= now) {
+            return None;
+        }
+        let mut tasks = Vec::with_capacity(held.len());
+        for ((run_id, fencing_token), entry) in held.iter_mut() {
+            entry.next = now + entry.every;
+            tasks.push(TaskRef {
+                run_id: run_id.clone(),
+                fencing_token: *fencing_token,
+            });
+        }
+        Some(Heartbeat { tasks })
+    }
+
+    /// Sends a heartbeat on `out` whenever one is due; never completes. (Once `out` is
+    /// closed the heartbeats go nowhere, and the leases expire.)
+    pub(crate) async fn keep_beating(&self, out: &mpsc::UnboundedSender<WorkerMessage>) {
+        loop {
+            self.due().await;
+            if let Some(heartbeat) = self.beat(Instant::now()) {
+                let _ = out.send(message(heartbeat));
+            }
+        }
+    }
+}
+
+/// A heartbeat as a stream message.
+pub(crate) fn message(heartbeat: Heartbeat) -> WorkerMessage {
+    WorkerMessage {
+        kind: Some(worker_message::Kind::Heartbeat(heartbeat)),
+    }
+}
+
+fn wall_clock_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interval_is_a_third_of_the_remaining_lease_between_100ms_and_1s() {
+        let now = 1_700_000_000_000;
+        assert_eq!(interval(0, now), None, "no deadline, no heartbeat");
+        assert_eq!(interval(now + 30_000, now), Some(MAX_INTERVAL));
+        assert_eq!(interval(now + 2_000, now), Some(Duration::from_millis(666)));
+        assert_eq!(interval(now + 150, now), Some(MIN_INTERVAL));
+        assert_eq!(
+            interval(now - 5_000, now),
+            Some(MIN_INTERVAL),
+            "clocks apart"
+        );
+    }
+
+    fn task(run_id: &str, fencing_token: u64, lease_ms: i64) -> Task {
+        Task {
+            run_id: run_id.to_owned(),
+            fencing_token,
+            deadline_ms: wall_clock_ms() + lease_ms,
+            ..Task::default()
+        }
+    }
+
+    #[test]
+    fn one_heartbeat_lists_every_held_task_once_some_interval_passed() {
+        let held = HeldTasks::default();
+        let before = Instant::now();
+        let slow = held.hold(&task("run-1", 7, 30_000));
+        let short = held.hold(&task("run-2", 3, 600));
+        let _unleased = held.hold(&Task::default());
+        let after = Instant::now();
+        let due = held.next_due().expect("run-2 is held");
+        assert!(
+            due >= before + Duration::from_millis(190) && due <= after + Duration::from_millis(200)
+        );
+        assert_eq!(held.beat(before), None, "nothing is due yet");
+
+        let at = after + Duration::from_millis(200);
+        let beat = held.beat(at).expect("run-2's interval passed");
+        let mut listed: Vec<(String, u64)> = beat
+            .tasks
+            .into_iter()
+            .map(|t| (t.run_id, t.fencing_token))
+            .collect();
+        listed.sort();
+        assert_eq!(listed, [("run-1".to_owned(), 7), ("run-2".to_owned(), 3)]);
+        assert_eq!(held.beat(at), None, "every interval starts over");
+        assert_eq!(held.next_due(), Some(at + Duration::from_millis(200)));
+
+        drop(short);
+        assert_eq!(held.next_due(), Some(at + MAX_INTERVAL));
+        drop(slow);
+        assert_eq!(
+            held.next_due(),
+            None,
+            "a task without a deadline is not heartbeated"
+        );
+    }
+}
