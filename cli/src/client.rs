@@ -1,15 +1,16 @@
-//! Connecting to the scheduler: the global connection flags, a deadline and the
-//! bearer token on every call, message limits, and one-line errors for failed calls.
+//! Connecting to the scheduler: the global connection flags, plaintext or TLS, a deadline
+//! and the bearer token on every call, message limits, and one-line errors for failed calls.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use clap::Args;
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::{Interceptor, interceptor::InterceptedService};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status, TimeoutExpired};
 use touchpoint_proto::MAX_MESSAGE_BYTES;
+use touchpoint_proto::security::{self, BearerToken, ClientTls};
 use touchpoint_proto::v1::dead_letter_service_client::DeadLetterServiceClient;
 use touchpoint_proto::v1::enrollment_service_client::EnrollmentServiceClient;
 use touchpoint_proto::v1::playbook_service_client::PlaybookServiceClient;
@@ -30,8 +31,20 @@ pub(crate) struct ServerArgs {
     pub(crate) server: String,
     /// Bearer token, when the scheduler requires one.
     #[arg(long, global = true, help_heading = GLOBAL, env = "TOUCHPOINT_TOKEN")]
-    #[arg(hide_env_values = true)]
-    pub(crate) token: Option<String>,
+    #[arg(hide_env_values = true, value_parser = BearerToken::parse)]
+    pub(crate) token: Option<BearerToken>,
+    /// CA certificate (PEM) that signed an https:// scheduler's certificate
+    /// (default: the system's CA certificates).
+    #[arg(long, global = true, help_heading = GLOBAL, env = "TOUCHPOINT_CA")]
+    pub(crate) ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a scheduler that requires mutual TLS.
+    #[arg(long, global = true, help_heading = GLOBAL, env = "TOUCHPOINT_TLS_CLIENT_CERT")]
+    #[arg(requires = "tls_client_key")]
+    pub(crate) tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-client-cert.
+    #[arg(long, global = true, help_heading = GLOBAL, env = "TOUCHPOINT_TLS_CLIENT_KEY")]
+    #[arg(requires = "tls_client_cert")]
+    pub(crate) tls_client_key: Option<PathBuf>,
     /// Deadline of each call (e.g. 30s, 2m).
     #[arg(long, global = true, help_heading = GLOBAL, default_value = "30s")]
     #[arg(value_parser = humantime::parse_duration)]
@@ -44,17 +57,15 @@ pub(crate) type Service = InterceptedService<Channel, CallMetadata>;
 /// Sets the deadline and the `authorization` header of every call.
 #[derive(Debug, Clone)]
 pub(crate) struct CallMetadata {
-    authorization: Option<AsciiMetadataValue>,
+    authorization: Option<BearerToken>,
     timeout: Duration,
 }
 
 impl Interceptor for CallMetadata {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         request.set_timeout(self.timeout);
-        if let Some(value) = &self.authorization {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
+        if let Some(token) = &self.authorization {
+            token.apply(request.metadata_mut());
         }
         Ok(request)
     }
@@ -67,35 +78,41 @@ pub(crate) struct Client {
     timeout: Duration,
     channel: Channel,
     metadata: CallMetadata,
+    /// TLS without a client certificate: a scheduler that requires one just hangs up.
+    without_client_cert: bool,
 }
 
 impl Client {
-    /// Connects to `args.server` (a bare `host:port` means `http://host:port`).
+    /// Connects to `args.server` (a bare `host:port` means `http://host:port`, or
+    /// `https://host:port` when a TLS setting is given).
     pub(crate) async fn connect(args: &ServerArgs) -> anyhow::Result<Self> {
+        let tls = ClientTls {
+            ca: args.ca.clone(),
+            cert: args.tls_client_cert.clone(),
+            key: args.tls_client_key.clone(),
+        };
         let server = if args.server.contains("://") {
             args.server.clone()
+        } else if tls.is_set() {
+            format!("https://{}", args.server)
         } else {
             format!("http://{}", args.server)
         };
-        let authorization = args
-            .token
-            .as_ref()
-            .map(|token| MetadataValue::try_from(format!("Bearer {token}")))
-            .transpose()
-            .context("the token is not a valid header value")?;
-        let endpoint = Endpoint::from_shared(server.clone())
-            .with_context(|| format!("invalid server address {server:?}"))?
-            .connect_timeout(args.timeout);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|err| anyhow!("cannot reach the scheduler at {server}: {}", cause(&err)))?;
+        let endpoint = security::client_endpoint(&server, &tls)?.connect_timeout(args.timeout);
+        let channel = endpoint.connect().await.map_err(|err| {
+            let cause = cause(&err);
+            anyhow!(
+                "cannot reach the scheduler at {server}: {cause}{}",
+                tls_hint(&cause)
+            )
+        })?;
         Ok(Self {
+            without_client_cert: server.starts_with("https://") && tls.cert.is_none(),
             server,
             timeout: args.timeout,
             channel,
             metadata: CallMetadata {
-                authorization,
+                authorization: args.token.clone(),
                 timeout: args.timeout,
             },
         })
@@ -133,7 +150,22 @@ impl Client {
     /// on the way to the scheduler.
     pub(crate) fn error(&self, status: Status) -> anyhow::Error {
         let server = &self.server;
-        let message = status.message();
+        // A failure on our side of the connection (a TLS alert, a protocol mismatch)
+        // says what happened only in its source.
+        let detailed;
+        let message = match std::error::Error::source(&status).map(cause) {
+            Some(cause) if !status.message().contains(&cause) => {
+                let hint = if self.without_client_cert && cause.contains("connection closed") {
+                    " (if the scheduler requires mutual TLS, set TOUCHPOINT_TLS_CLIENT_CERT \
+                     and TOUCHPOINT_TLS_CLIENT_KEY)"
+                } else {
+                    tls_hint(&cause)
+                };
+                detailed = format!("{}: {cause}{hint}", status.message());
+                detailed.as_str()
+            }
+            _ => status.message(),
+        };
         match status.code() {
             // Connecting already failed loudly; here the scheduler answered UNAVAILABLE itself
             // (e.g. its Redis is down) or the connection dropped mid-call.
@@ -157,6 +189,23 @@ impl Client {
     }
 }
 
+/// What to do about a TLS failure, from its cause; empty for anything else.
+fn tls_hint(cause: &str) -> &'static str {
+    if cause.contains("UnknownIssuer") || cause.contains("NotValidForName") {
+        " (TOUCHPOINT_CA or --ca must be the CA that signed the scheduler's certificate, \
+         for the name in the address)"
+    } else if cause.contains("CertificateRequired") || cause.contains("BadCertificate") {
+        " (the scheduler requires a client certificate signed by its client CA: \
+         set TOUCHPOINT_TLS_CLIENT_CERT and TOUCHPOINT_TLS_CLIENT_KEY)"
+    } else if cause.contains("InvalidContentType") {
+        " (the scheduler does not serve TLS here: use an http:// address)"
+    } else if cause.contains("http2 error") || cause.contains("frame with invalid size") {
+        " (if the scheduler serves TLS, use an https:// address and TOUCHPOINT_CA)"
+    } else {
+        ""
+    }
+}
+
 /// The innermost error of a chain ("Connection refused (os error 111)"), which
 /// says more than tonic's outer "transport error".
 fn cause(err: &(dyn std::error::Error + 'static)) -> String {
@@ -172,7 +221,7 @@ mod tests {
     use super::*;
 
     fn client() -> Client {
-        let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
         Client {
             server: "http://127.0.0.1:1".into(),
             timeout: Duration::from_secs(30),
@@ -181,6 +230,7 @@ mod tests {
                 authorization: None,
                 timeout: Duration::from_secs(30),
             },
+            without_client_cert: false,
         }
     }
 
@@ -216,6 +266,9 @@ mod tests {
         let args = ServerArgs {
             server: "127.0.0.1:1".into(),
             token: None,
+            ca: None,
+            tls_client_cert: None,
+            tls_client_key: None,
             timeout: Duration::from_secs(5),
         };
         let err = Client::connect(&args)
@@ -232,7 +285,7 @@ mod tests {
     #[test]
     fn metadata_carries_deadline_and_token() -> anyhow::Result<()> {
         let mut metadata = CallMetadata {
-            authorization: Some(MetadataValue::try_from("Bearer s3cret")?),
+            authorization: Some(BearerToken::parse("s3cret")?),
             timeout: Duration::from_secs(7),
         };
         let request = metadata.call(Request::new(()))?;

@@ -173,7 +173,17 @@ mod tests {
             "yaml",
         ])?;
         assert_eq!(cli.server.server, "http://10.0.0.1:50051");
-        assert_eq!(cli.server.token.as_deref(), Some("s3cret"));
+        let mut headers = tonic::metadata::MetadataMap::new();
+        if let Some(token) = &cli.server.token {
+            token.apply(&mut headers);
+        }
+        assert_eq!(
+            headers
+                .get("authorization")
+                .map(|v| v.to_str())
+                .transpose()?,
+            Some("Bearer s3cret")
+        );
         assert_eq!(cli.server.timeout, std::time::Duration::from_secs(5));
         assert_eq!(cli.output, Format::Yaml);
         Ok(())

@@ -6,7 +6,10 @@
 //! - [`v1::dead_letter_service_server`]: list and retry runs that failed at a step;
 //! - [`v1::worker_service_server`]: the worker stream (Hello, Task, TaskResult).
 //!
-//! [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
+//! [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection; [`security`] connects clients over
+//! plaintext or TLS with a bearer token.
+
+pub mod security;
 
 /// Generated messages and services of package `touchpoint.v1`.
 #[allow(

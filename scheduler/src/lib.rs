@@ -6,21 +6,25 @@
 //! - `engine`: the timer loop (claim due steps, settle or dispatch) and outcomes.
 //! - `workers`: connected workers and credit-based flow control.
 //! - `api`: thin tonic services.
+//! - [`auth`]: bearer tokens with roles, one tower layer in front of every service;
+//!   `tls`: the server's certificate and, for mutual TLS, the client CA.
 //!
 //! [`run`](fn@run) serves on a listener until a shutdown future completes; `main` and
 //! `tp dev` both call it.
 
 mod api;
+pub mod auth;
 mod clock;
 mod engine;
 pub mod playbook;
 mod playbook_cache;
 pub mod run;
 pub mod store;
+mod tls;
 mod trace;
 mod workers;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -38,6 +42,7 @@ use tracing::info;
 
 use crate::{
     api::{DeadLetterApi, EnrollmentApi, PlaybookApi, RunApi, WorkerApi},
+    auth::{AuthLayer, Policy, Tokens},
     engine::{Engine, EngineConfig},
     playbook_cache::PlaybookCache,
     store::Store,
@@ -78,6 +83,19 @@ pub struct SchedulerArgs {
     /// Name of this scheduler (default: a random one).
     #[arg(long, env = "TOUCHPOINT_SCHEDULER_ID")]
     pub scheduler_id: Option<String>,
+    /// Bearer tokens with roles (TOML, see docs/security.md). Without one, only
+    /// loopback clients are accepted.
+    #[arg(long, env = "TOUCHPOINT_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Serve TLS with this certificate (PEM, with its chain); needs --tls-key.
+    #[arg(long, env = "TOUCHPOINT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "TOUCHPOINT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate signed by this CA (PEM).
+    #[arg(long, env = "TOUCHPOINT_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
@@ -86,6 +104,22 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Security settings first: a bad one stops the start before anything else happens.
+    let policy = match &args.auth_file {
+        Some(path) => Policy::Tokens(Tokens::load(path).with_context(|| {
+            format!(
+                "cannot use the auth file {} (TOUCHPOINT_AUTH_FILE)",
+                path.display()
+            )
+        })?),
+        None => Policy::LoopbackOnly,
+    };
+    let server_tls = tls::ServerTls {
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+    };
+    let server = server_tls.server().context("cannot set up TLS")?;
     let store = Store::connect(
         &args.redis_url,
         &args.key_prefix,
@@ -136,10 +170,20 @@ pub async fn run(
         reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
 
     let addr = listener.local_addr()?;
-    info!(%addr, scheduler = %scheduler_id, partitions = args.partitions, "touchpoint-scheduler listening");
+    info!(%addr, scheduler = %scheduler_id, partitions = args.partitions, transport = server_tls.describe(), "touchpoint-scheduler listening");
+    match &policy {
+        Policy::Tokens(tokens) => info!(tokens = tokens.len(), "bearer tokens with roles required"),
+        Policy::LoopbackOnly if addr.ip().is_loopback() => {
+            info!("no auth file (TOUCHPOINT_AUTH_FILE): accepting only loopback clients")
+        }
+        Policy::LoopbackOnly => tracing::warn!(
+            "no auth file (TOUCHPOINT_AUTH_FILE): accepting only loopback clients, so clients on other hosts are refused; give tokens in an auth file (docs/security.md)"
+        ),
+    }
     let stop_on_shutdown = stop.clone();
     let engine_on_shutdown = Arc::clone(&engine);
-    let result = tonic::transport::Server::builder()
+    let result = server
+        .layer(AuthLayer::new(policy))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

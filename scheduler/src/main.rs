@@ -10,6 +10,8 @@ async fn main() {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
+    // rustls (TLS) with aws-lc-rs, once for the process.
+    touchpoint_proto::security::install_crypto_provider();
     let args = touchpoint_scheduler::SchedulerArgs::parse();
     if let Err(err) = touchpoint_scheduler::main_with_args(args).await {
         eprintln!("error: {err:#}");

@@ -5,20 +5,49 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tonic::transport::{Channel, Endpoint};
-use touchpoint_proto::v1::{
-    self, GetRunRequest, Run, RunStatus, dead_letter_service_client::DeadLetterServiceClient,
-    enrollment_service_client::EnrollmentServiceClient,
-    playbook_service_client::PlaybookServiceClient, run_service_client::RunServiceClient,
+use tonic::{
+    Request, Status,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+use touchpoint_proto::{
+    security::{self, BearerToken},
+    v1::{
+        self, GetRunRequest, Run, RunStatus, dead_letter_service_client::DeadLetterServiceClient,
+        enrollment_service_client::EnrollmentServiceClient,
+        playbook_service_client::PlaybookServiceClient, run_service_client::RunServiceClient,
+        worker_service_client::WorkerServiceClient,
+    },
 };
 
-/// The client-facing services of one scheduler over one channel.
+use crate::ClientOptions;
+
+/// A channel that adds the bearer token (if any) to every call.
+pub type Authorized = InterceptedService<Channel, Credentials>;
+
+/// Adds `authorization: Bearer <token>` to every call when there is a token.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials(Option<BearerToken>);
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            token.apply(request.metadata_mut());
+        }
+        Ok(request)
+    }
+}
+
+/// The services of one scheduler over one channel (plaintext or TLS), each call carrying
+/// the token of the [`ClientOptions`] it was opened with.
 #[derive(Debug, Clone)]
 pub struct TouchpointClient {
-    pub playbooks: PlaybookServiceClient<Channel>,
-    pub enrollments: EnrollmentServiceClient<Channel>,
-    pub runs: RunServiceClient<Channel>,
-    pub dead_letters: DeadLetterServiceClient<Channel>,
+    pub playbooks: PlaybookServiceClient<Authorized>,
+    pub enrollments: EnrollmentServiceClient<Authorized>,
+    pub runs: RunServiceClient<Authorized>,
+    pub dead_letters: DeadLetterServiceClient<Authorized>,
+    /// The worker stream (for tests of who may attach).
+    pub workers: WorkerServiceClient<Authorized>,
 }
 
 impl TouchpointClient {
@@ -43,19 +72,47 @@ impl TouchpointClient {
     }
 
     pub(crate) async fn try_connect(endpoint: &str) -> Result<Self, String> {
-        let channel = Endpoint::from_shared(endpoint.to_owned())
+        Self::try_connect_with(endpoint, &ClientOptions::default()).await
+    }
+
+    /// Opens a channel to `endpoint` (`http://` or `https://`) with `options`, without
+    /// calling anything: every call then carries the options' token.
+    ///
+    /// # Errors
+    /// When the settings are unusable or the connection (or TLS handshake) fails, with
+    /// the innermost cause.
+    pub async fn open(endpoint: &str, options: &ClientOptions) -> Result<Self, String> {
+        let credentials = Credentials(
+            options
+                .token
+                .as_deref()
+                .map(BearerToken::parse)
+                .transpose()
+                .map_err(|e| e.to_string())?,
+        );
+        let channel = security::client_endpoint(endpoint, &options.tls)
             .map_err(|e| e.to_string())?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
             .connect()
             .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let mut client = Self {
-            playbooks: PlaybookServiceClient::new(channel.clone()),
-            enrollments: EnrollmentServiceClient::new(channel.clone()),
-            runs: RunServiceClient::new(channel.clone()),
-            dead_letters: DeadLetterServiceClient::new(channel),
-        };
+            .map_err(|e| format!("connect: {e}: {}", root_cause(&e)))?;
+        let with = |channel: Channel| InterceptedService::new(channel, credentials.clone());
+        Ok(Self {
+            playbooks: PlaybookServiceClient::new(with(channel.clone())),
+            enrollments: EnrollmentServiceClient::new(with(channel.clone())),
+            runs: RunServiceClient::new(with(channel.clone())),
+            dead_letters: DeadLetterServiceClient::new(with(channel.clone())),
+            workers: WorkerServiceClient::new(with(channel)),
+        })
+    }
+
+    /// [`TouchpointClient::open`], then one `ListPlaybooks` call that must succeed.
+    ///
+    /// # Errors
+    /// When connecting or the call fails.
+    pub async fn try_connect_with(endpoint: &str, options: &ClientOptions) -> Result<Self, String> {
+        let mut client = Self::open(endpoint, options).await?;
         client
             .playbooks
             .list_playbooks(v1::ListPlaybooksRequest {})
@@ -124,6 +181,15 @@ impl TouchpointClient {
         })
         .await
     }
+}
+
+/// The innermost error of a chain ("invalid peer certificate: UnknownIssuer").
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut inner = error;
+    while let Some(source) = inner.source() {
+        inner = source;
+    }
+    inner.to_string()
 }
 
 /// A run and its timeline, one step a line, for failure messages.

@@ -7,7 +7,10 @@
 //!   killed with SIGKILL on drop (and whose log tail is printed when a test panics);
 //! - [`SchedulerNode`] and [`WorkerNode`]: a scheduler or worker running as a real process of
 //!   the `touchpoint-node` binary, with [`WorkerConfig`] writing its `worker.toml`;
-//! - [`TouchpointClient`]: the scheduler's gRPC clients, connected with retries;
+//! - [`TouchpointClient`]: the scheduler's gRPC clients, connected with retries, over
+//!   plaintext or TLS, with a bearer token ([`ClientOptions`]);
+//! - [`Security`]: TLS (a throwaway PKI, [`TestPki`]) and one token per role
+//!   ([`TestTokens`]) for a scheduler, its workers and its clients;
 //! - [`WebhookReceiver`]: a real HTTP server recording every delivery, with scripted answers,
 //!   and [`verify_signature`], a Standard Webhooks verifier written independently of the worker;
 //! - [`eventually`]: polling instead of sleeping;
@@ -23,15 +26,17 @@ mod ports;
 mod process;
 mod receiver;
 mod redis_server;
+mod security;
 mod signature;
 mod stack;
 
-pub use client::{TouchpointClient, run_summary};
+pub use client::{Authorized, Credentials, TouchpointClient, run_summary};
 pub use eventually::{eventually, eventually_some, stays};
 pub use node::{ChannelConfig, SchedulerNode, WorkerConfig, WorkerNode};
 pub use ports::free_port;
 pub use process::Process;
 pub use receiver::{ReceivedRequest, Reply, WebhookReceiver};
 pub use redis_server::RedisServer;
+pub use security::{ClientOptions, ROLES, Security, TestPki, TestTokens, sha256_hex};
 pub use signature::{generate_secret, sign, verify_signature};
 pub use stack::{SECRET_ENV, Stack, contact, request_id, to_map, welcome_yaml};

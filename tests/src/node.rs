@@ -9,7 +9,7 @@ use std::{
 
 use tempfile::TempDir;
 
-use crate::{Process, TouchpointClient, free_port};
+use crate::{ClientOptions, Process, Security, TouchpointClient, free_port};
 
 /// How long a starting scheduler may take to answer.
 const SCHEDULER_START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -22,12 +22,28 @@ pub struct SchedulerNode {
     args: Vec<String>,
     port: u16,
     process: Process,
+    security: Security,
 }
+
+/// The role [`SchedulerNode::client`] connects as when the scheduler requires tokens: it
+/// may apply, enroll, read and cancel runs and retry dead letters.
+const CLIENT_ROLE: &str = "marketer";
 
 impl SchedulerNode {
     /// Starts a scheduler on a free port against `redis_url`, with `extra` flags such as
     /// `["--lease", "2s"]`. Does not wait for it: [`SchedulerNode::client`] does.
     pub fn start(bin: impl AsRef<Path>, redis_url: &str, extra: &[&str]) -> Self {
+        Self::start_secured(bin, redis_url, extra, &Security::plaintext())
+    }
+
+    /// [`SchedulerNode::start`] with TLS and tokens as `security` says; its
+    /// [`SchedulerNode::client`] then connects over TLS as a `marketer`.
+    pub fn start_secured(
+        bin: impl AsRef<Path>,
+        redis_url: &str,
+        extra: &[&str],
+        security: &Security,
+    ) -> Self {
         let port = free_port();
         let mut args = vec![
             "scheduler".to_owned(),
@@ -36,6 +52,7 @@ impl SchedulerNode {
             "--listen".to_owned(),
             format!("127.0.0.1:{port}"),
         ];
+        args.extend(security.scheduler_flags());
         args.extend(extra.iter().map(|&a| a.to_owned()));
         let bin = bin.as_ref().to_path_buf();
         let process = Process::spawn_named("scheduler", &bin, &args, &[]);
@@ -44,12 +61,18 @@ impl SchedulerNode {
             args,
             port,
             process,
+            security: security.clone(),
         }
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>`, or `https://` with TLS.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.security.scheme(), self.port)
+    }
+
+    /// How it was secured.
+    pub fn security(&self) -> &Security {
+        &self.security
     }
 
     /// The gRPC port.
@@ -62,9 +85,18 @@ impl SchedulerNode {
     /// # Panics
     /// When the process exits or does not answer within 20 s (its log tail is printed).
     pub async fn client(&mut self) -> TouchpointClient {
+        let options = self.security.client(CLIENT_ROLE);
+        self.client_with(&options).await
+    }
+
+    /// [`SchedulerNode::client`] with other settings (a role that may call `ListPlaybooks`).
+    ///
+    /// # Panics
+    /// When the process exits or does not answer within 20 s (its log tail is printed).
+    pub async fn client_with(&mut self, options: &ClientOptions) -> TouchpointClient {
         let deadline = Instant::now() + SCHEDULER_START_TIMEOUT;
         loop {
-            let error = match TouchpointClient::try_connect(&self.endpoint()).await {
+            let error = match TouchpointClient::try_connect_with(&self.endpoint(), options).await {
                 Ok(client) => return client,
                 Err(e) => e,
             };
@@ -123,6 +155,28 @@ impl WorkerNode {
         config: &WorkerConfig,
         envs: &[(&str, &str)],
     ) -> Self {
+        Self::start_secured(
+            bin,
+            server,
+            worker_id,
+            config,
+            envs,
+            &Security::plaintext(),
+            None,
+        )
+    }
+
+    /// [`WorkerNode::start`] trusting `security`'s CA (with its client certificate under
+    /// mutual TLS) and, given a `token`, sending it (from `TOUCHPOINT_TOKEN`).
+    pub fn start_secured(
+        bin: impl AsRef<Path>,
+        server: &str,
+        worker_id: &str,
+        config: &WorkerConfig,
+        envs: &[(&str, &str)],
+        security: &Security,
+        token: Option<&str>,
+    ) -> Self {
         let config_dir = tempfile::Builder::new()
             .prefix("touchpoint-worker-config-")
             .tempdir()
@@ -130,20 +184,24 @@ impl WorkerNode {
         let config_path = config_dir.path().join("worker.toml");
         std::fs::write(&config_path, config.to_toml(server)).expect("write worker.toml");
         let config_arg = config_path.to_string_lossy().into_owned();
-        let process = Process::spawn_named(
+        let mut args: Vec<String> = [
+            "worker",
+            "--config",
+            &config_arg,
+            "--server",
+            server,
+            "--worker-id",
             worker_id,
-            bin.as_ref(),
-            [
-                "worker",
-                "--config",
-                &config_arg,
-                "--server",
-                server,
-                "--worker-id",
-                worker_id,
-            ],
-            envs,
-        );
+        ]
+        .iter()
+        .map(|&a| a.to_owned())
+        .collect();
+        args.extend(security.worker_flags());
+        let mut envs = envs.to_vec();
+        if let Some(token) = token {
+            envs.push(("TOUCHPOINT_TOKEN", token));
+        }
+        let process = Process::spawn_named(worker_id, bin.as_ref(), &args, &envs);
         Self {
             worker_id: worker_id.to_owned(),
             process,

@@ -11,8 +11,8 @@ use touchpoint_proto::v1::{
 };
 
 use crate::{
-    ChannelConfig, RedisServer, SchedulerNode, TouchpointClient, WebhookReceiver, WorkerConfig,
-    WorkerNode, generate_secret,
+    ChannelConfig, RedisServer, SchedulerNode, Security, TouchpointClient, WebhookReceiver,
+    WorkerConfig, WorkerNode, generate_secret,
 };
 
 /// The environment variable the workers' webhook channels read their secret from.
@@ -33,6 +33,7 @@ pub struct Stack {
     pub secret: String,
     bin: PathBuf,
     channels: Vec<String>,
+    security: Security,
 }
 
 impl Stack {
@@ -40,9 +41,22 @@ impl Stack {
     /// `["--lease", "2s"]`), waits until the scheduler answers, then starts worker `w-1`
     /// serving `channels` (none when `channels` is empty).
     pub async fn start(bin: impl AsRef<Path>, scheduler_flags: &[&str], channels: &[&str]) -> Self {
+        Self::start_secured(bin, scheduler_flags, channels, Security::plaintext()).await
+    }
+
+    /// [`Stack::start`] secured as `security` says: the scheduler serves TLS and requires
+    /// tokens accordingly, [`Stack::client`] connects as a `marketer`, and workers trust the
+    /// CA (presenting the client certificate under mutual TLS) and send the `worker` token.
+    pub async fn start_secured(
+        bin: impl AsRef<Path>,
+        scheduler_flags: &[&str],
+        channels: &[&str],
+        security: Security,
+    ) -> Self {
         let redis = RedisServer::start();
         let receiver = WebhookReceiver::start().await;
-        let mut scheduler = SchedulerNode::start(bin.as_ref(), &redis.url(), scheduler_flags);
+        let mut scheduler =
+            SchedulerNode::start_secured(bin.as_ref(), &redis.url(), scheduler_flags, &security);
         let client = scheduler.client().await;
         let mut stack = Self {
             workers: Vec::new(),
@@ -53,6 +67,7 @@ impl Stack {
             secret: generate_secret(),
             bin: bin.as_ref().to_path_buf(),
             channels: channels.iter().map(|&c| c.to_owned()).collect(),
+            security,
         };
         if !channels.is_empty() {
             stack.start_worker("w-1");
@@ -74,14 +89,27 @@ impl Stack {
             })
     }
 
-    /// Starts another worker process with `worker_id`.
+    /// Starts another worker process with `worker_id` (with the `worker` token when the
+    /// stack requires tokens).
     pub fn start_worker(&mut self, worker_id: &str) -> &mut WorkerNode {
-        let worker = WorkerNode::start(
+        let token = self.security.token("worker");
+        self.start_worker_with_token(worker_id, token.as_deref())
+    }
+
+    /// Starts another worker process with `worker_id` sending `token` (or none).
+    pub fn start_worker_with_token(
+        &mut self,
+        worker_id: &str,
+        token: Option<&str>,
+    ) -> &mut WorkerNode {
+        let worker = WorkerNode::start_secured(
             &self.bin,
             &self.scheduler.endpoint(),
             worker_id,
             &self.worker_config(),
             &[(SECRET_ENV, &self.secret)],
+            &self.security,
+            token,
         );
         self.workers.push(worker);
         self.workers.last_mut().expect("just pushed")

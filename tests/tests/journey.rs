@@ -1,6 +1,7 @@
 //! The example journey (`examples/welcome.yaml`, with a 2 s wait) end to end for two
 //! contacts, one tagged `paid`: real Redis, scheduler and worker processes, and a real HTTP
-//! receiver behind the worker's webhook channels.
+//! receiver behind the worker's webhook channels. Once over plaintext, once locked down:
+//! mutual TLS and bearer tokens (the client a `marketer`, the worker a `worker`).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -10,7 +11,7 @@ use std::{
 use serde_json::json;
 use touchpoint_proto::v1::{ApplyStatus, ListRunsRequest, Run, RunStatus, StepStatus};
 use touchpoint_tests::{
-    ReceivedRequest, Stack, contact, request_id, run_summary, to_map, verify_signature,
+    ReceivedRequest, Security, Stack, contact, request_id, run_summary, to_map, verify_signature,
     welcome_yaml,
 };
 
@@ -42,8 +43,18 @@ const TIMELINE: [&str; 6] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn welcome_journey_for_a_paid_and_an_unpaid_contact() {
+    welcome_journey(Security::plaintext()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_journey_over_mutual_tls_with_tokens() {
+    touchpoint_proto::security::install_crypto_provider();
+    welcome_journey(Security::mutual_tls().with_tokens()).await;
+}
+
+async fn welcome_journey(security: Security) {
     let yaml = welcome_yaml("2s");
-    let mut stack = Stack::start(NODE, &[], &["wecom", "sms"]).await;
+    let mut stack = Stack::start_secured(NODE, &[], &["wecom", "sms"], security).await;
 
     let applied = stack.apply(&yaml).await;
     assert_eq!(applied.status(), ApplyStatus::Created, "{applied:?}");

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Deserialize;
+use touchpoint_proto::security::{BearerToken, ClientTls};
 
 use crate::channel::webhook;
 
@@ -23,6 +24,10 @@ pub struct WorkerConfig {
     pub worker_id: Option<String>,
     /// The channels this worker serves, in file order.
     pub channels: Vec<ChannelConfig>,
+    /// Bearer token sent to the scheduler (`--token`, `TOUCHPOINT_TOKEN`); never printed.
+    pub token: Option<BearerToken>,
+    /// How to check an `https://` scheduler and, for mutual TLS, the client certificate.
+    pub tls: ClientTls,
 }
 
 /// One `[[channel]]` table.
@@ -126,6 +131,8 @@ impl WorkerConfig {
                     kind: ChannelKind::Log,
                 })
                 .collect(),
+            token: None,
+            tls: ClientTls::default(),
         }
     }
 
@@ -207,6 +214,8 @@ impl RawConfig {
             concurrency,
             worker_id: self.worker_id,
             channels,
+            token: None,
+            tls: ClientTls::default(),
         })
     }
 }

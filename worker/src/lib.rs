@@ -22,6 +22,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
+use touchpoint_proto::security::{BearerToken, ClientTls};
 use tracing::{info, warn};
 
 pub use config::{ChannelConfig, ChannelKind, WorkerConfig};
@@ -43,6 +44,20 @@ pub struct WorkerArgs {
     /// Name shown in run timelines; overrides `worker_id` in the file.
     #[arg(long, env = "TOUCHPOINT_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Bearer token for a scheduler that requires one (role `worker`).
+    #[arg(long, env = "TOUCHPOINT_TOKEN", hide_env_values = true)]
+    #[arg(value_parser = BearerToken::parse)]
+    pub token: Option<BearerToken>,
+    /// CA certificate (PEM) that signed an https:// scheduler's certificate
+    /// (default: the system's CA certificates).
+    #[arg(long, env = "TOUCHPOINT_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a scheduler that requires mutual TLS.
+    #[arg(long, env = "TOUCHPOINT_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-client-cert.
+    #[arg(long, env = "TOUCHPOINT_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
 }
 
 /// Attaches to `config.server` and delivers steps until `shutdown` completes, then
@@ -79,6 +94,12 @@ pub async fn main_with_args(args: WorkerArgs) -> anyhow::Result<()> {
     if let Some(worker_id) = args.worker_id {
         config.worker_id = Some(worker_id);
     }
+    config.token = args.token;
+    config.tls = ClientTls {
+        ca: args.ca,
+        cert: args.tls_client_cert,
+        key: args.tls_client_key,
+    };
     run(config, shutdown_signal()).await
 }
 

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Endpoint;
+use touchpoint_proto::security::{self, BearerToken};
 use touchpoint_proto::v1::worker_service_client::WorkerServiceClient;
 use touchpoint_proto::v1::{
     self as pb, Hello, Outcome, SchedulerMessage, Task, TaskResult, WorkerMessage,
@@ -40,6 +41,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub(crate) struct Link {
     endpoint: Endpoint,
+    /// Sent on every attach; its `Debug` is redacted.
+    token: Option<BearerToken>,
     hello: Hello,
     registry: Registry,
     /// One permit per delivery in flight; shared by every stream so that re-attaching
@@ -57,8 +60,8 @@ struct Attached {
 
 impl Link {
     pub(crate) fn new(config: &WorkerConfig, registry: Registry) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::from_shared(config.server.clone())
-            .with_context(|| format!("invalid server address {:?}", config.server))?
+        // Plaintext or TLS (with the client certificate for mutual TLS) by the URL's scheme.
+        let endpoint = security::client_endpoint(&config.server, &config.tls)?
             .connect_timeout(CONNECT_TIMEOUT)
             // Notices a scheduler that vanished without closing the connection.
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -71,6 +74,7 @@ impl Link {
         };
         Ok(Self {
             endpoint,
+            token: config.token.clone(),
             hello,
             registry,
             slots: Arc::new(Semaphore::new(config.concurrency as usize)),
@@ -140,8 +144,12 @@ impl Link {
             kind: Some(worker_message::Kind::Hello(self.hello.clone())),
         };
         let outgoing = tokio_stream::iter([hello]).chain(UnboundedReceiverStream::new(outbox));
+        let mut request = tonic::Request::new(outgoing);
+        if let Some(token) = &self.token {
+            token.apply(request.metadata_mut());
+        }
         let mut tasks = client
-            .attach(outgoing)
+            .attach(request)
             .await
             .map_err(|status| anyhow::anyhow!("attach refused: {}", describe(&status)))?
             .into_inner();

@@ -92,13 +92,18 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let server = format!("http://{}", reachable(addr));
-    let scheduler_args = SchedulerArgs::parse_from([
+    let mut scheduler_args = SchedulerArgs::parse_from([
         "touchpoint-scheduler",
         "--redis-url",
         redis_url,
         "--listen",
         &addr.to_string(),
     ]);
+    // A local stack: plaintext and loopback-only, whatever TOUCHPOINT_* the shell has.
+    scheduler_args.auth_file = None;
+    scheduler_args.tls_cert = None;
+    scheduler_args.tls_key = None;
+    scheduler_args.tls_client_ca = None;
     let channels: Vec<&str> = args.channels.iter().map(String::as_str).collect();
     let worker_config = WorkerConfig::console(&server, &channels);
 
@@ -133,6 +138,9 @@ async fn serve(
     let client = ServerArgs {
         server,
         token: None,
+        ca: None,
+        tls_client_cert: None,
+        tls_client_key: None,
         timeout: call_timeout,
     };
     let demo = args.demo;
