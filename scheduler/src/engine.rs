@@ -335,10 +335,13 @@ impl Engine {
             }
             StepKind::Action(action) => action,
         };
-        if run.attempt > action.retry.max_attempts {
+        let policy = action
+            .retry
+            .resolve(&self.workers.channel_retry(&action.channel));
+        if run.attempt > policy.max_attempts {
             return fail(format!(
                 "gave up after {} attempts (lease expired)",
-                action.retry.max_attempts
+                policy.max_attempts
             ));
         }
         let ctx = TemplateContext {
@@ -605,7 +608,9 @@ impl Engine {
         let now = now_ms();
         let policy: RetryPolicy =
             match &f.playbook.playbook.steps.get(f.step_index).map(|s| &s.kind) {
-                Some(StepKind::Action(action)) => action.retry,
+                Some(StepKind::Action(action)) => action
+                    .retry
+                    .resolve(&self.workers.channel_retry(&action.channel)),
                 _ => RetryPolicy::default(),
             };
         let entry = |outcome, detail: String| TimelineEntry {

@@ -5,6 +5,8 @@
 use std::{collections::HashMap, sync::Mutex};
 
 use tokio::sync::mpsc;
+
+use crate::playbook::RetryOverrides;
 use tonic::Status;
 use touchpoint_proto::v1::SchedulerMessage;
 
@@ -23,6 +25,8 @@ struct Worker {
     /// Lost a lease without reporting or heartbeating (hung, or frozen): gets no new
     /// tasks until it says anything again.
     unresponsive: bool,
+    /// Retry defaults it announced, by channel name.
+    retry: HashMap<String, RetryOverrides>,
     sender: WorkerSender,
 }
 
@@ -74,10 +78,32 @@ impl Workers {
                 capacity,
                 in_flight: 0,
                 unresponsive: false,
+                retry: HashMap::new(),
                 sender,
             },
         );
         id
+    }
+
+    /// Records the retry defaults a worker announced for its channels.
+    pub(crate) fn set_channel_retry(
+        &self,
+        connection: ConnectionId,
+        retry: HashMap<String, RetryOverrides>,
+    ) {
+        if let Some(worker) = self.registry().workers.get_mut(&connection) {
+            worker.retry = retry;
+        }
+    }
+
+    /// The retry defaults announced for `channel` (by any connected worker serving it;
+    /// workers of one channel are expected to share one configuration).
+    pub(crate) fn channel_retry(&self, channel: &str) -> RetryOverrides {
+        self.registry()
+            .workers
+            .values()
+            .find_map(|w| w.retry.get(channel).copied())
+            .unwrap_or_default()
     }
 
     /// Removes a worker whose stream ended.

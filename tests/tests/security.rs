@@ -136,6 +136,7 @@ async fn attach(client: &mut TouchpointClient) -> Result<(), Status> {
             worker_id: "auth-matrix".to_owned(),
             channels: Vec::new(),
             capacity: 1,
+            ..Hello::default()
         })),
     };
     let mut stream = client

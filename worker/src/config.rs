@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 use touchpoint_proto::security::{BearerToken, ClientTls};
@@ -37,6 +38,20 @@ pub struct ChannelConfig {
     pub name: String,
     /// The adapter behind the name, with its settings.
     pub kind: ChannelKind,
+    /// Retry defaults for steps on this channel whose playbook does not set them;
+    /// unset fields are left to the scheduler's defaults.
+    pub retry: ChannelRetry,
+}
+
+/// `retry = { max_attempts = 5, initial = "1s", max = "5m" }` on a `[[channel]]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelRetry {
+    /// Attempts in all, the first included (1 to 100).
+    pub max_attempts: Option<u32>,
+    /// Delay before the second attempt; it doubles after each failure.
+    pub initial: Option<Duration>,
+    /// Longest delay between attempts.
+    pub max: Option<Duration>,
 }
 
 /// The adapter behind a channel, with its settings.
@@ -129,6 +144,7 @@ impl WorkerConfig {
                 .map(|name| ChannelConfig {
                     name: (*name).to_owned(),
                     kind: ChannelKind::Log,
+                    retry: ChannelRetry::default(),
                 })
                 .collect(),
             token: None,
@@ -167,6 +183,46 @@ pub(crate) struct RawChannel {
     pub(crate) url: Option<String>,
     pub(crate) secret_env: Option<String>,
     pub(crate) timeout: Option<String>,
+    retry: Option<RawRetry>,
+}
+
+/// A channel's `retry` table as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<u32>,
+    initial: Option<String>,
+    max: Option<String>,
+}
+
+impl RawRetry {
+    fn validate(&self, at: &str) -> Result<ChannelRetry, Error> {
+        if let Some(n) = self.max_attempts
+            && !(1..=100).contains(&n)
+        {
+            return Err(Error::field(
+                format!("{at}.retry.max_attempts"),
+                format!("expected 1 to 100, got {n}"),
+            ));
+        }
+        let duration = |field: &str, text: &Option<String>| -> Result<Option<Duration>, Error> {
+            text.as_deref()
+                .map(|text| {
+                    humantime::parse_duration(text).map_err(|_| {
+                        Error::field(
+                            format!("{at}.retry.{field}"),
+                            format!("invalid duration {text:?} (expected e.g. 500ms, 1s, 5m)"),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        Ok(ChannelRetry {
+            max_attempts: self.max_attempts,
+            initial: duration("initial", &self.initial)?,
+            max: duration("max", &self.max)?,
+        })
+    }
 }
 
 impl RawConfig {
@@ -255,7 +311,11 @@ impl RawChannel {
                 ));
             }
         };
-        Ok(ChannelConfig { name, kind })
+        let retry = match &self.retry {
+            Some(raw) => raw.validate(at)?,
+            None => ChannelRetry::default(),
+        };
+        Ok(ChannelConfig { name, kind, retry })
     }
 
     /// Fails on the first setting the kind takes no part of.

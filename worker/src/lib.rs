@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use touchpoint_proto::security::{BearerToken, ClientTls};
 use tracing::{info, warn};
 
-pub use config::{ChannelConfig, ChannelKind, WorkerConfig};
+pub use config::{ChannelConfig, ChannelKind, ChannelRetry, WorkerConfig};
 
 /// The worker's command line; each flag also reads an environment variable.
 #[derive(Debug, Clone, clap::Parser)]

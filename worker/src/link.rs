@@ -21,13 +21,13 @@ use tonic::transport::Endpoint;
 use touchpoint_proto::security::{self, BearerToken};
 use touchpoint_proto::v1::worker_service_client::WorkerServiceClient;
 use touchpoint_proto::v1::{
-    self as pb, Hello, Outcome, SchedulerMessage, Task, TaskResult, WorkerMessage,
+    self as pb, Hello, Outcome, RetryDefaults, SchedulerMessage, Task, TaskResult, WorkerMessage,
     scheduler_message, worker_message,
 };
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
-use crate::WorkerConfig;
 use crate::channel::{self, Contact, Delivered, Delivery, Registry};
+use crate::config::{ChannelRetry, WorkerConfig};
 use crate::heartbeat::{self, HeldTasks, Hold};
 
 /// How long one connection attempt may take.
@@ -71,6 +71,12 @@ impl Link {
             worker_id: config.resolved_worker_id(),
             channels: registry.names(),
             capacity: config.concurrency,
+            channel_retry: config
+                .channels
+                .iter()
+                .filter(|c| c.retry != ChannelRetry::default())
+                .map(|c| (c.name.clone(), retry_defaults(&c.retry)))
+                .collect(),
         };
         Ok(Self {
             endpoint,
@@ -428,6 +434,17 @@ impl Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Self { step: Self::FIRST }
+    }
+}
+
+/// A channel's retry settings as announced in Hello (0: the scheduler's default).
+fn retry_defaults(retry: &ChannelRetry) -> RetryDefaults {
+    let millis =
+        |d: Option<Duration>| d.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    RetryDefaults {
+        max_attempts: retry.max_attempts.unwrap_or(0),
+        initial_ms: millis(retry.initial),
+        max_ms: millis(retry.max),
     }
 }
 

@@ -7,13 +7,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use touchpoint_proto::v1::{
-    SchedulerMessage, Welcome, WorkerMessage, scheduler_message, worker_message,
+    RetryDefaults, SchedulerMessage, Welcome, WorkerMessage, scheduler_message, worker_message,
     worker_service_server::WorkerService,
 };
 use tracing::{info, warn};
 
 use super::status::invalid_field;
-use crate::engine::Engine;
+use crate::{engine::Engine, playbook::RetryOverrides};
 
 /// Most tasks one worker may ask to hold at once.
 const MAX_CAPACITY: u32 = 10_000;
@@ -74,10 +74,14 @@ impl WorkerService for WorkerApi {
             .map_err(|_| Status::cancelled("worker went away"))?;
         info!(worker = %hello.worker_id, channels = ?hello.channels, capacity = hello.capacity, "worker connected");
         let worker_id = hello.worker_id.clone();
+        let channel_retry = retry_defaults(&hello.channel_retry)?;
         let connection =
             self.engine
                 .workers()
                 .register(hello.worker_id, hello.channels, hello.capacity, sender);
+        self.engine
+            .workers()
+            .set_channel_retry(connection, channel_retry);
         self.engine.nudge();
         let engine = Arc::clone(&self.engine);
         let stopped = self.engine.shutdown_token().clone();
@@ -123,4 +127,28 @@ impl WorkerService for WorkerApi {
             .take_until(self.engine.shutdown_token().clone().cancelled_owned());
         Ok(Response::new(Box::pin(tasks)))
     }
+}
+
+/// The retry defaults a worker announced; 0 leaves a field to the scheduler's default.
+fn retry_defaults(
+    announced: &std::collections::HashMap<String, RetryDefaults>,
+) -> Result<std::collections::HashMap<String, RetryOverrides>, Status> {
+    let millis = |ms: u64| (ms > 0).then(|| std::time::Duration::from_millis(ms));
+    announced
+        .iter()
+        .map(|(channel, defaults)| {
+            if defaults.max_attempts > 100 {
+                return Err(invalid_field(
+                    &format!("hello.channel_retry.{channel}.max_attempts"),
+                    format!("{} (expected 1 to 100)", defaults.max_attempts),
+                ));
+            }
+            let overrides = RetryOverrides {
+                max_attempts: (defaults.max_attempts > 0).then_some(defaults.max_attempts),
+                initial: millis(defaults.initial_ms),
+                max: millis(defaults.max_ms),
+            };
+            Ok((channel.clone(), overrides))
+        })
+        .collect()
 }

@@ -58,11 +58,41 @@ pub struct Action {
     pub params: serde_json::Map<String, serde_json::Value>,
     /// Jinja expression; the step is skipped when it is false.
     pub condition: Option<String>,
-    pub retry: RetryPolicy,
+    /// The step's own `retry:` fields; the rest come from the channel's defaults (announced
+    /// by its workers) and then [`RetryPolicy::default`].
+    pub retry: RetryOverrides,
+}
+
+/// Retry settings that may leave fields unset, to be filled from a wider default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RetryOverrides {
+    pub max_attempts: Option<u32>,
+    #[serde(with = "opt_millis")]
+    pub initial: Option<Duration>,
+    #[serde(with = "opt_millis")]
+    pub max: Option<Duration>,
+}
+
+impl RetryOverrides {
+    /// The policy for a step: its own fields, then the channel's, then the defaults.
+    /// A delay that starts above the cap raises the cap.
+    pub fn resolve(&self, channel: &RetryOverrides) -> RetryPolicy {
+        let default = RetryPolicy::default();
+        let initial = self.initial.or(channel.initial).unwrap_or(default.initial);
+        let max = self.max.or(channel.max).unwrap_or(default.max);
+        RetryPolicy {
+            max_attempts: self
+                .max_attempts
+                .or(channel.max_attempts)
+                .unwrap_or(default.max_attempts),
+            initial,
+            max: max.max(initial),
+        }
+    }
 }
 
 /// How often and how fast a failed delivery is tried again.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
@@ -100,10 +130,59 @@ impl Step {
     }
 }
 
+mod opt_millis {
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_millis()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 mod millis {
     use std::time::Duration;
 
     pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u128(d.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_fields_come_from_the_step_then_the_channel_then_the_defaults() {
+        let step = RetryOverrides {
+            max_attempts: Some(3),
+            ..RetryOverrides::default()
+        };
+        let channel = RetryOverrides {
+            max_attempts: Some(7),
+            initial: Some(Duration::from_millis(100)),
+            max: None,
+        };
+        let policy = step.resolve(&channel);
+        assert_eq!(policy.max_attempts, 3);
+        assert_eq!(policy.initial, Duration::from_millis(100));
+        assert_eq!(policy.max, RetryPolicy::default().max);
+        assert_eq!(
+            RetryOverrides::default().resolve(&RetryOverrides::default()),
+            RetryPolicy::default()
+        );
+        // A delay that starts above the cap raises the cap.
+        let slow = RetryOverrides {
+            initial: Some(Duration::from_secs(600)),
+            ..RetryOverrides::default()
+        };
+        assert_eq!(
+            slow.resolve(&RetryOverrides::default()).max,
+            Duration::from_secs(600)
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::{collections::HashMap, fmt};
 use serde::Deserialize;
 
 use super::{
-    Action, MAX_SOURCE_BYTES, MAX_STEPS, Playbook, RetryPolicy, Step, StepKind, parse_duration,
+    Action, MAX_SOURCE_BYTES, MAX_STEPS, Playbook, RetryOverrides, Step, StepKind, parse_duration,
     template,
 };
 
@@ -340,12 +340,12 @@ impl Checker {
         })
     }
 
-    fn check_retry(&mut self, path: &str, raw: Option<&RawRetry>) -> RetryPolicy {
-        let mut policy = RetryPolicy::default();
-        let Some(raw) = raw else { return policy };
+    fn check_retry(&mut self, path: &str, raw: Option<&RawRetry>) -> RetryOverrides {
+        let mut retry = RetryOverrides::default();
+        let Some(raw) = raw else { return retry };
         if let Some(max_attempts) = raw.max_attempts {
             if (1..=100).contains(&max_attempts) {
-                policy.max_attempts = max_attempts;
+                retry.max_attempts = Some(max_attempts);
             } else {
                 self.fail(
                     format!("{path}.retry.max_attempts"),
@@ -354,23 +354,22 @@ impl Checker {
             }
         }
         for (field, text, slot) in [
-            ("initial", &raw.initial, &mut policy.initial),
-            ("max", &raw.max, &mut policy.max),
+            ("initial", &raw.initial, &mut retry.initial),
+            ("max", &raw.max, &mut retry.max),
         ] {
             if let Some(text) = text {
                 match parse_duration(text) {
-                    Ok(duration) => *slot = duration,
+                    Ok(duration) => *slot = Some(duration),
                     Err(err) => self.fail(format!("{path}.retry.{field}"), err),
                 }
             }
         }
-        if policy.initial > policy.max {
-            self.fail(
-                format!("{path}.retry.initial"),
-                "longer than retry.max".to_owned(),
-            );
+        if let (Some(initial), Some(max)) = (retry.initial, retry.max)
+            && initial > max
+        {
+            self.fail(format!("{path}.retry.initial"), "longer than retry.max");
         }
-        policy
+        retry
     }
 }
 

@@ -247,3 +247,31 @@ fn load_reads_a_file_and_reports_a_missing_one() {
     let message = WorkerConfig::load(&path).unwrap_err().to_string();
     assert!(message.starts_with("cannot read the file: "), "{message}");
 }
+
+#[test]
+fn a_channel_may_set_retry_defaults() {
+    let config = parse(
+        "[[channel]]\nname = \"c\"\nkind = \"log\"\nretry = { max_attempts = 3, initial = \"250ms\" }\n",
+    )
+    .unwrap();
+    let retry = config.channels[0].retry;
+    assert_eq!(retry.max_attempts, Some(3));
+    assert_eq!(retry.initial, Some(std::time::Duration::from_millis(250)));
+    assert_eq!(retry.max, None);
+    for (text, expected) in [
+        (
+            "retry = { max_attempts = 0 }",
+            "channel[0].retry.max_attempts: expected 1 to 100, got 0",
+        ),
+        (
+            "retry = { initial = \"soon\" }",
+            "channel[0].retry.initial: invalid duration \"soon\"",
+        ),
+        ("retry = { tries = 3 }", "channel[0].retry.tries"),
+    ] {
+        let message = error(&format!(
+            "[[channel]]\nname = \"c\"\nkind = \"log\"\n{text}\n"
+        ));
+        assert!(message.starts_with(expected), "{text}: {message}");
+    }
+}
