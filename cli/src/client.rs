@@ -155,7 +155,14 @@ impl Client {
         let detailed;
         let message = match std::error::Error::source(&status).map(cause) {
             Some(cause) if !status.message().contains(&cause) => {
-                let hint = if self.without_client_cert && cause.contains("connection closed") {
+                // Under TLS 1.3 the server refuses a missing client certificate after the
+                // client's handshake is done, so the client sees the connection go away in
+                // one of several ways, depending on timing.
+                let lower = cause.to_lowercase();
+                let dropped = ["connection closed", "broken pipe", "connection reset"]
+                    .iter()
+                    .any(|way| lower.contains(way));
+                let hint = if self.without_client_cert && dropped {
                     " (if the scheduler requires mutual TLS, set TOUCHPOINT_TLS_CLIENT_CERT \
                      and TOUCHPOINT_TLS_CLIENT_KEY)"
                 } else {

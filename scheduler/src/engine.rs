@@ -31,7 +31,10 @@ use crate::{
     clock::now_ms,
     playbook::{Action, Playbook, RetryPolicy, StepKind},
     playbook_cache::{LoadError, LoadedPlaybook, PlaybookCache},
-    run::{Next, RunStatus, StepOutcome, TimelineEntry, idempotency_key, next_step, retry_delay},
+    run::{
+        Next, RunStatus, StepOutcome, TimelineEntry, idempotency_key, next_step, partition_of_run,
+        retry_delay,
+    },
     store::{ClaimedRun, Completion, ContactRecord, Op, Store},
     trace,
     workers::{ConnectionId, NoWorker, Workers},
@@ -52,8 +55,12 @@ pub(crate) struct EngineConfig {
 /// A step handed to a worker and not yet reported.
 #[derive(Debug)]
 struct InFlight {
+    /// The worker's stream, or [`DETACHED`] while the worker is away.
     connection: ConnectionId,
     worker_id: String,
+    /// When its lease runs out, as far as this scheduler knows (ms): the claim's deadline,
+    /// moved on by heartbeats. A detached step is forgotten after it.
+    lease_deadline_ms: i64,
     partition: u16,
     fence: u64,
     step_index: usize,
@@ -62,6 +69,10 @@ struct InFlight {
     channel: String,
     playbook: Arc<LoadedPlaybook>,
 }
+
+/// The `connection` of a step whose worker's stream ended: it waits for the worker to
+/// re-attach until its lease runs out. (Connection ids start at 1.)
+const DETACHED: ConnectionId = 0;
 
 /// The timer loop, dispatch and outcome handling of one scheduler.
 #[derive(Debug)]
@@ -168,8 +179,13 @@ impl Engine {
     async fn timer_loop(self: Arc<Self>, shutdown: CancellationToken) {
         info!(scheduler = %self.config.scheduler_id, "timer loop started");
         let mut redis_down = false;
+        let mut next_sweep = 0;
         loop {
             let now = now_ms();
+            if now >= next_sweep {
+                forget_expired(&mut lock(&self.in_flight), now);
+                next_sweep = now + 1000;
+            }
             let due: Vec<u16> = lock(&self.next_check)
                 .iter()
                 .enumerate()
@@ -372,8 +388,9 @@ impl Engine {
             now + millis(self.config.lease),
         );
         let in_flight = InFlight {
-            connection: 0,
+            connection: DETACHED,
             worker_id: String::new(),
+            lease_deadline_ms: now + millis(self.config.lease),
             partition: run.partition,
             fence: run.fence,
             step_index: index,
@@ -451,22 +468,31 @@ impl Engine {
         None
     }
 
-    /// Applies a worker's report on a task it held.
-    pub(crate) fn on_result(&self, connection: ConnectionId, result: TaskResult) {
-        let in_flight = {
+    /// Applies a worker's report on a task it held. A report on a run this scheduler has
+    /// no record of is looked up in Redis instead ([`Engine::adopt_result`]).
+    pub(crate) fn on_result(self: &Arc<Self>, connection: ConnectionId, result: TaskResult) {
+        let (in_flight, known) = {
             let mut map = lock(&self.in_flight);
             match map.get(&result.run_id) {
                 Some(f) if f.fence == result.fencing_token && f.connection == connection => {
-                    map.remove(&result.run_id)
+                    (map.remove(&result.run_id), true)
                 }
-                _ => None,
+                found => (None, found.is_some()),
             }
         };
         let Some(in_flight) = in_flight else {
-            debug!(run_id = %result.run_id, "result for a task this scheduler no longer holds; ignored");
+            if known || self.draining.load(Ordering::SeqCst) {
+                debug!(run_id = %result.run_id, "result for a task this scheduler no longer holds; ignored");
+            } else {
+                self.adopt_result(connection, result);
+            }
             return;
         };
         self.workers.release(connection);
+        self.finish_reported(in_flight, result);
+    }
+
+    fn finish_reported(&self, in_flight: InFlight, result: TaskResult) {
         let outcome = Outcome::try_from(result.outcome).unwrap_or(Outcome::Permanent);
         let retry_after =
             (result.retry_after_ms > 0).then(|| Duration::from_millis(result.retry_after_ms));
@@ -479,12 +505,75 @@ impl Engine {
         );
     }
 
+    /// A result for a run this scheduler holds no step of: its step was handed out by
+    /// this scheduler before it restarted, or by another scheduler the worker was
+    /// attached to before its stream broke. It counts if the run is still leased under
+    /// the result's fencing token (`complete.lua` checks that again, atomically), so a
+    /// delivery that finished while its worker was cut off is not sent again; otherwise
+    /// it is ignored like any stale result.
+    fn adopt_result(self: &Arc<Self>, connection: ConnectionId, result: TaskResult) {
+        let Some(partition) = partition_of_run(&result.run_id, self.store.partitions()) else {
+            debug!(run_id = %result.run_id, "result for an unknown run; ignored");
+            return;
+        };
+        let worker_id = self.workers.worker_id(connection).unwrap_or_default();
+        let engine = Arc::clone(self);
+        tokio::spawn(async move { engine.adopt(partition, worker_id, result).await });
+    }
+
+    async fn adopt(&self, partition: u16, worker_id: String, result: TaskResult) {
+        let run = match self.store.get_run(&result.run_id).await {
+            Ok(Some(run)) if run.leased && run.fence == result.fencing_token => run,
+            Ok(_) => {
+                debug!(run_id = %result.run_id, "result for a step no longer leased under its fencing token; ignored");
+                return;
+            }
+            Err(err) => {
+                warn!(run_id = %result.run_id, error = %err, "cannot look up the run of a reported step; it goes out again when its lease expires");
+                return;
+            }
+        };
+        let playbook = match self
+            .playbooks
+            .get(&self.store, &run.playbook, run.version)
+            .await
+        {
+            Ok(playbook) => playbook,
+            Err(err) => {
+                warn!(run_id = %result.run_id, error = %err, "cannot load the playbook of a reported step; it goes out again when its lease expires");
+                return;
+            }
+        };
+        let Some(StepKind::Action(action)) =
+            playbook.playbook.steps.get(run.step_index).map(|s| &s.kind)
+        else {
+            debug!(run_id = %result.run_id, "result for a step that is not an action; ignored");
+            return;
+        };
+        debug!(run_id = %result.run_id, worker = %worker_id, "result for a step handed out before a restart or by another scheduler; applying it under its fencing token");
+        let in_flight = InFlight {
+            connection: DETACHED,
+            worker_id,
+            lease_deadline_ms: 0,
+            partition,
+            fence: run.fence,
+            step_index: run.step_index,
+            attempt: run.attempt,
+            due_ms: run.due_ms,
+            channel: action.channel.clone(),
+            playbook: Arc::clone(&playbook),
+        };
+        self.finish_reported(in_flight, result);
+    }
+
     /// A worker's heartbeat: extends the lease of every listed task that this connection
     /// holds under the listed fencing token, by the lease duration from now, one
     /// `extend.lua` call per partition (in the background, so the worker's results keep
     /// flowing meanwhile). Tasks the connection does not hold (reported, handed back,
-    /// never its own) are left out; leases that expired or were superseded in Redis are
+    /// another's) are left out; leases that expired or were superseded in Redis are
     /// not extended, and the late result of such a task is refused as any stale outcome.
+    /// A task of a run this scheduler has no record of (handed out before it restarted,
+    /// or by another scheduler) goes to `extend.lua` as it is: the fencing token decides.
     pub(crate) fn on_heartbeat(
         self: &Arc<Self>,
         connection: ConnectionId,
@@ -493,13 +582,18 @@ impl Engine {
         let mut by_partition: HashMap<u16, Vec<(String, u64)>> = HashMap::new();
         {
             let map = lock(&self.in_flight);
+            let draining = self.draining.load(Ordering::SeqCst);
             for task in heartbeat.tasks {
-                if let Some(f) = map.get(&task.run_id)
-                    && f.fence == task.fencing_token
-                    && f.connection == connection
-                {
+                let partition = match map.get(&task.run_id) {
+                    Some(f) if f.fence == task.fencing_token && f.connection == connection => {
+                        Some(f.partition)
+                    }
+                    None if !draining => partition_of_run(&task.run_id, self.store.partitions()),
+                    _ => None,
+                };
+                if let Some(partition) = partition {
                     by_partition
-                        .entry(f.partition)
+                        .entry(partition)
                         .or_default()
                         .push((task.run_id, task.fencing_token));
                 }
@@ -523,6 +617,23 @@ impl Engine {
             )
         });
         for (partition, tasks, extended) in futures::future::join_all(calls).await {
+            if let Ok(extended) = &extended {
+                // A step whose worker goes away is kept until this deadline.
+                let deadline = now.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX));
+                let extended: std::collections::HashSet<&str> =
+                    extended.iter().map(String::as_str).collect();
+                let mut map = lock(&self.in_flight);
+                for (run_id, fence) in tasks
+                    .iter()
+                    .filter(|(id, _)| extended.contains(id.as_str()))
+                {
+                    if let Some(f) = map.get_mut(run_id)
+                        && f.fence == *fence
+                    {
+                        f.lease_deadline_ms = f.lease_deadline_ms.max(deadline);
+                    }
+                }
+            }
             match extended {
                 Ok(extended) if extended.len() < tasks.len() => {
                     let lost: Vec<&str> = tasks
@@ -547,10 +658,11 @@ impl Engine {
         &self.shutdown
     }
 
-    /// Stops handing out steps and gives every step held by a worker back to `due` at
-    /// once, so another scheduler hands it out without waiting for the lease. The attempt
-    /// is not counted (its outcome is unknown, and a restart must not fail runs); the
-    /// idempotency key stays the same. A late report of such a step is refused.
+    /// Stops handing out steps and gives every step held by a worker (or waiting for its
+    /// worker to re-attach) back to `due` at once, so another scheduler hands it out
+    /// without waiting for the lease. The attempt is not counted (its outcome is unknown,
+    /// and a restart must not fail runs); the idempotency key stays the same. A late
+    /// report of such a step is refused.
     pub(crate) fn begin_shutdown(&self) {
         self.draining.store(true, Ordering::SeqCst);
         let held: Vec<(String, InFlight)> = lock(&self.in_flight).drain().collect();
@@ -574,26 +686,61 @@ impl Engine {
         }
     }
 
-    /// A worker's stream ended: every step it held is retried as a failed attempt.
+    /// A worker's stream ended. The steps it held are not handed out again now: the
+    /// worker may well be alive (a network blip, a lapsed keepalive) and still delivering.
+    /// They stay recorded, detached, until their leases run out, so that when the worker
+    /// re-attaches ([`Engine::on_worker_attached`]) its results and heartbeats for them
+    /// count. A worker that is gone for good sends neither: its leases expire and the
+    /// claim script hands its steps out again, the attempt counted, with the same
+    /// idempotency key.
     pub(crate) fn on_worker_gone(&self, connection: ConnectionId) {
         self.workers.remove(connection);
-        let held: Vec<(String, InFlight)> = {
+        let mut detached = 0_usize;
+        let mut worker = String::new();
+        {
             let mut map = lock(&self.in_flight);
-            let ids: Vec<String> = map
-                .iter()
-                .filter(|(_, f)| f.connection == connection)
-                .map(|(id, _)| id.clone())
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| map.remove_entry(&id))
-                .collect()
-        };
-        for (run_id, in_flight) in held {
-            let detail = format!(
-                "worker {} disconnected during delivery",
-                in_flight.worker_id
-            );
-            self.finish_attempt(run_id, in_flight, Outcome::Retryable, detail, None);
+            for f in map.values_mut().filter(|f| f.connection == connection) {
+                f.connection = DETACHED;
+                detached += 1;
+                worker.clone_from(&f.worker_id);
+            }
+            forget_expired(&mut map, now_ms());
+        }
+        if detached > 0 {
+            info!(worker = %worker, steps = detached, "worker's stream ended while it held steps; they wait for it to re-attach until their leases expire");
+        }
+    }
+
+    /// A worker said Hello on `connection`. Steps handed to the same worker id on an
+    /// earlier stream (detached when it ended, or on one not noticed as broken yet) and
+    /// whose leases still run are its again: its results and heartbeats for them count on
+    /// the new stream, and they take up its slots. Earlier streams of the id get no new
+    /// tasks unless they speak again (a worker holds one stream; ids must be unique).
+    pub(crate) fn on_worker_attached(&self, connection: ConnectionId, worker_id: &str) {
+        let mut earlier = Vec::new();
+        let mut taken: u32 = 0;
+        {
+            let mut map = lock(&self.in_flight);
+            forget_expired(&mut map, now_ms());
+            for f in map.values_mut() {
+                if f.worker_id == worker_id && f.connection != connection {
+                    if f.connection != DETACHED {
+                        earlier.push(f.connection);
+                    }
+                    f.connection = connection;
+                    taken = taken.saturating_add(1);
+                }
+            }
+        }
+        for old in earlier {
+            self.workers.release(old);
+        }
+        for old in self.workers.other_connections(worker_id, connection) {
+            self.workers.mark_unresponsive(old);
+        }
+        if taken > 0 {
+            self.workers.hold(connection, taken);
+            info!(worker = %worker_id, steps = taken, "worker re-attached; the steps it held are its again");
         }
     }
 
@@ -727,6 +874,12 @@ impl Engine {
             }
         }
     }
+}
+
+/// Forgets detached steps whose leases ran out: the claim script hands them out again,
+/// and a late result of theirs is looked up like any other unknown one.
+fn forget_expired(map: &mut HashMap<String, InFlight>, now: i64) {
+    map.retain(|_, f| f.connection != DETACHED || f.lease_deadline_ms > now);
 }
 
 /// The op that moves a run to step `index` (or ends it, completed).

@@ -155,6 +155,37 @@ impl Workers {
         }
     }
 
+    /// Counts `count` more tasks as held by `connection` (steps it took over from an
+    /// earlier stream of the same worker); each is given back with [`Self::release`].
+    pub(crate) fn hold(&self, connection: ConnectionId, count: u32) {
+        if let Some(worker) = self.registry().workers.get_mut(&connection) {
+            worker.in_flight = worker.in_flight.saturating_add(count);
+        }
+    }
+
+    /// The worker id that `connection` announced.
+    pub(crate) fn worker_id(&self, connection: ConnectionId) -> Option<String> {
+        self.registry()
+            .workers
+            .get(&connection)
+            .map(|w| w.worker_id.clone())
+    }
+
+    /// The connections of `worker_id` other than `connection` (earlier streams of a
+    /// worker that re-attached, not yet noticed as broken).
+    pub(crate) fn other_connections(
+        &self,
+        worker_id: &str,
+        connection: ConnectionId,
+    ) -> Vec<ConnectionId> {
+        self.registry()
+            .workers
+            .iter()
+            .filter(|(id, w)| **id != connection && w.worker_id == worker_id)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Free slots over all workers.
     pub(crate) fn free_capacity(&self) -> u32 {
         self.registry()

@@ -14,6 +14,7 @@
 //! - [`WebhookReceiver`]: a real HTTP server recording every delivery, with scripted answers,
 //!   and [`verify_signature`], a Standard Webhooks verifier written independently of the worker;
 //! - [`eventually`]: polling instead of sleeping;
+//! - [`TcpProxy`]: a TCP proxy to cut and restore, a network failure between two processes;
 //! - [`Stack`]: all of the above for one test (Redis, receiver, scheduler, workers), and
 //!   [`welcome_yaml`], the repository's example journey with a short wait.
 //!
@@ -24,6 +25,7 @@ mod eventually;
 mod node;
 mod ports;
 mod process;
+mod proxy;
 mod receiver;
 mod redis_server;
 mod security;
@@ -35,6 +37,7 @@ pub use eventually::{eventually, eventually_some, stays};
 pub use node::{ChannelConfig, SchedulerNode, WorkerConfig, WorkerNode};
 pub use ports::free_port;
 pub use process::Process;
+pub use proxy::TcpProxy;
 pub use receiver::{ReceivedRequest, Reply, WebhookReceiver};
 pub use redis_server::RedisServer;
 pub use security::{ClientOptions, ROLES, Security, TestPki, TestTokens, sha256_hex};

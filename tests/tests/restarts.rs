@@ -1,6 +1,9 @@
 //! Processes die and come back: nothing is lost and nothing is sent twice.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
 use touchpoint_proto::v1::{ApplyStatus, RunStatus, StepStatus};
 use touchpoint_tests::{
@@ -148,8 +151,10 @@ async fn redis_killed_during_a_wait_loses_nothing() {
 }
 
 /// The receiver holds the first delivery; kill -9 the worker while it is in flight and start
-/// another: the step goes out again (at the latest when the 2 s lease expires) with the same
-/// webhook-id and `attempt` 2, and the run completes.
+/// another: the scheduler does not hand the step out again when the dead worker's stream
+/// ends (it might be alive and re-attach with its result), but once the 2 s lease, no longer
+/// heartbeated, expires. Then it goes out with the same webhook-id and `attempt` 2, and the
+/// run completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_delivery_is_redelivered_with_the_same_webhook_id() {
     let mut stack = Stack::start(NODE, &["--lease", "2s"], &["wecom"]).await;
@@ -186,6 +191,7 @@ steps:
     );
 
     stack.worker("w-1").kill9();
+    let killed_at = Instant::now();
     stack.start_worker("w-2");
 
     let again = stack
@@ -193,6 +199,19 @@ steps:
         .wait_for_request(TIMEOUT, |r| r.step() == "greet" && r.attempt() != 1)
         .await;
     let summary = stack.receiver.summary();
+    // w-1 heartbeated every 666 ms until the kill, so its lease ran at least 1.3 s past it.
+    let after = again.received_at.duration_since(killed_at);
+    assert!(
+        after >= Duration::from_secs(1),
+        "the step went out again {after:?} after the kill, before the lease expired:\n{summary}"
+    );
+    let log = stack.scheduler.process().log();
+    assert!(
+        log.contains("worker's stream ended while it held steps")
+            && log.contains("leases expired; steps go out again"),
+        "the step should go out again by lease expiry:\n{}",
+        stack.scheduler.process().log_tail(30)
+    );
     assert_eq!(
         again.webhook_id(),
         first.webhook_id(),

@@ -199,6 +199,48 @@ async fn a_retry_is_due_at_its_backoff_and_keeps_its_attempt_count() {
     assert_eq!(again.runs[0].attempt, 2);
 }
 
+/// A worker that re-attached may report one result twice (it cannot know whether the
+/// copy on its broken stream arrived), and both copies can land in one batch: only the
+/// first counts. The run's lease and fencing token are what a scheduler with no record of
+/// the step looks up before applying a result.
+#[tokio::test]
+async fn the_same_outcome_twice_in_one_batch_counts_once() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let (run_id, _) = store.enroll(&new_run(2, "c-5", None, 10)).await.unwrap();
+    let claim = store.claim(2, 10, 10, 60_000).await.unwrap();
+    let fence = claim.runs[0].fence;
+    let leased = store.get_run(&run_id).await.unwrap().unwrap();
+    assert!(leased.leased);
+    assert_eq!(leased.fence, fence);
+
+    let next = Completion {
+        run_id: run_id.clone(),
+        fence,
+        op: Op::Next {
+            index: 1,
+            due_ms: 500,
+        },
+        detail: "attempt 1: HTTP 200".into(),
+        entry: Some(failed_entry(0, "done")),
+    };
+    assert_eq!(
+        store
+            .complete(2, 20, &[next.clone(), next.clone()])
+            .await
+            .unwrap(),
+        (1, 1)
+    );
+    let run = store.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(run.timeline.len(), 1, "one timeline entry");
+    assert_eq!((run.step_index, run.leased), (1, false));
+    assert_eq!(
+        store.complete(2, 30, &[next]).await.unwrap(),
+        (0, 1),
+        "and refused later"
+    );
+}
+
 #[tokio::test]
 async fn cancelling_fences_out_the_worker_holding_the_step() {
     let redis = RedisServer::start();

@@ -1,4 +1,4 @@
-//! Lease heartbeats: while the worker holds tasks of a stream, it says so often enough
+//! Lease heartbeats: while the worker holds tasks, it says so on the open stream often enough
 //! that no lease runs out under a delivery that is still going.
 //!
 //! Each task is held from the moment it arrives (waiting for a free slot counts) until its
@@ -38,7 +38,8 @@ struct Entry {
     next: Instant,
 }
 
-/// The tasks one stream holds, keyed by (run id, fencing token).
+/// The tasks the worker holds (whichever stream they came on), keyed by (run id, fencing
+/// token).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct HeldTasks {
     inner: Arc<Mutex<HashMap<(String, u64), Entry>>>,

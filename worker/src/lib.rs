@@ -7,7 +7,9 @@
 //!   and one folder per adapter kind: [`channel::log`], [`channel::webhook`].
 //! - `link`: the `WorkerService.Attach` stream to the scheduler: Hello, Tasks in,
 //!   TaskResults out, bounded concurrency, re-attach with backoff, drain on shutdown.
-//! - `heartbeat`: the tasks a stream holds, and the `Heartbeat`s that keep their leases.
+//! - `heartbeat`: the tasks the worker holds, and the `Heartbeat`s that keep their leases.
+//! - `outbox`: results on their way out, kept while the link is down and sent first on
+//!   the next stream.
 //!
 //! [`run`] serves the binary, `tp dev` and tests alike; [`main_with_args`] adds the
 //! command line and the signal handling.
@@ -16,6 +18,7 @@ pub mod channel;
 pub mod config;
 mod heartbeat;
 mod link;
+mod outbox;
 
 use std::future::Future;
 use std::path::PathBuf;

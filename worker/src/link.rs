@@ -4,7 +4,9 @@
 //! Tasks and answers each with a TaskResult; while it holds Tasks it sends Heartbeats that
 //! keep their leases (see `heartbeat`). Every Task runs in its own tokio task,
 //! bounded by a semaphore of `concurrency` slots, so a slow receiver never holds up
-//! the stream. Prost types stop here: adapters see [`Delivery`].
+//! the stream. Deliveries outlive the stream they came on: when it breaks, their results
+//! are kept (see `outbox`) and sent first on the next stream, which also heartbeats the
+//! tasks still held. Prost types stop here: adapters see [`Delivery`].
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -29,6 +31,7 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 use crate::channel::{self, Contact, Delivered, Delivery, Registry};
 use crate::config::{ChannelRetry, WorkerConfig};
 use crate::heartbeat::{self, HeldTasks, Hold};
+use crate::outbox::Outbox;
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -48,14 +51,17 @@ pub(crate) struct Link {
     /// One permit per delivery in flight; shared by every stream so that re-attaching
     /// while old deliveries still run never exceeds `concurrency`.
     slots: Arc<Semaphore>,
+    /// The tasks received and not reported yet, whichever stream they came on: each
+    /// stream heartbeats all of them, so a re-attach keeps their leases.
+    held: HeldTasks,
+    /// Results go out through it; it keeps them while no stream is open.
+    outbox: Outbox,
 }
 
-/// An open stream: results go out through `results`, tasks come in on `tasks`.
+/// An open stream: messages go out through `results`, tasks come in on `tasks`.
 struct Attached {
     results: mpsc::UnboundedSender<WorkerMessage>,
     tasks: Streaming<SchedulerMessage>,
-    /// The tasks that came on this stream and are not reported yet (for heartbeats).
-    held: HeldTasks,
 }
 
 impl Link {
@@ -84,6 +90,8 @@ impl Link {
             hello,
             registry,
             slots: Arc::new(Semaphore::new(config.concurrency as usize)),
+            held: HeldTasks::default(),
+            outbox: Outbox::default(),
         })
     }
 
@@ -108,13 +116,18 @@ impl Link {
             let lost = match attached {
                 Ok(mut attached) => {
                     backoff.reset();
+                    // Results kept while the link was down go first.
+                    self.outbox.attach(attached.results.clone());
                     match self.serve(&mut attached, &mut deliveries, &shutdown).await {
                         Ok(()) => {
                             // The stream is still open, so results still reach the scheduler.
-                            drain_attached(&mut deliveries, &attached).await;
+                            drain_attached(&mut deliveries, &self.held, &attached).await;
                             return;
                         }
-                        Err(lost) => lost,
+                        Err(lost) => {
+                            self.outbox.detach();
+                            lost
+                        }
                     }
                 }
                 Err(error) => error,
@@ -143,8 +156,9 @@ impl Link {
         let mut client = WorkerServiceClient::new(channel)
             .max_decoding_message_size(touchpoint_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(touchpoint_proto::MAX_MESSAGE_BYTES);
-        // Unbounded: at most `concurrency` results wait in it, and a delivery must never
-        // block on a stream that is going away.
+        // Unbounded: at most `concurrency` results wait in it (plus, right after attaching,
+        // those the outbox kept: at most 10,000), and a delivery must never block on a
+        // stream that is going away.
         let (results, outbox) = mpsc::unbounded_channel();
         let hello = WorkerMessage {
             kind: Some(worker_message::Kind::Hello(self.hello.clone())),
@@ -166,11 +180,7 @@ impl Link {
         match first.and_then(|message| message.kind) {
             Some(scheduler_message::Kind::Welcome(welcome)) => {
                 info!(scheduler_id = %welcome.scheduler_id, "attached to the scheduler");
-                Ok(Attached {
-                    results,
-                    tasks,
-                    held: HeldTasks::default(),
-                })
+                Ok(Attached { results, tasks })
             }
             Some(scheduler_message::Kind::Task(_)) => bail!("expected Welcome, got a Task"),
             None => bail!("the scheduler closed the stream before Welcome"),
@@ -192,11 +202,11 @@ impl Link {
                 Some(finished) = deliveries.join_next(), if !deliveries.is_empty() => {
                     report_panic(finished);
                 }
-                () = attached.held.due() => send_heartbeat(attached),
+                () = self.held.due() => send_heartbeat(&self.held, &self.outbox),
                 message = attached.tasks.message() => match message {
                     Ok(Some(SchedulerMessage { kind: Some(scheduler_message::Kind::Task(task)) })) => {
-                        let hold = attached.held.hold(&task);
-                        self.start(task, hold, &attached.results, deliveries);
+                        let hold = self.held.hold(&task);
+                        self.start(task, hold, deliveries);
                     }
                     Ok(Some(_)) => debug!("ignoring a scheduler message that is not a Task"),
                     Ok(None) => bail!("the scheduler closed the stream"),
@@ -206,15 +216,10 @@ impl Link {
         }
     }
 
-    /// Runs one task in its own tokio task and sends its result on `results`; the task is
-    /// heartbeated until then (`hold` is dropped once the result is sent).
-    fn start(
-        &self,
-        task: Task,
-        hold: Hold,
-        results: &mpsc::UnboundedSender<WorkerMessage>,
-        deliveries: &mut JoinSet<()>,
-    ) {
+    /// Runs one task in its own tokio task and hands its result to the outbox (sent on the
+    /// open stream, or kept for the next one); the task is heartbeated until then (`hold`
+    /// is dropped once the result is handed over).
+    fn start(&self, task: Task, hold: Hold, deliveries: &mut JoinSet<()>) {
         let span = info_span!(
             "deliver",
             run_id = %task.run_id,
@@ -224,7 +229,7 @@ impl Link {
         );
         let adapter = self.registry.get(&task.channel).cloned();
         let slots = Arc::clone(&self.slots);
-        let results = results.clone();
+        let outbox = self.outbox.clone();
         let delivery = async move {
             let _hold = hold;
             // The semaphore is never closed, so this only waits for a free slot.
@@ -240,18 +245,9 @@ impl Link {
                 ))),
             };
             log_outcome(&outcome);
-            let result = WorkerMessage {
-                kind: Some(worker_message::Kind::Result(task_result(
-                    run_id,
-                    fencing_token,
-                    &outcome,
-                ))),
-            };
-            // The stream this task came on is gone: the result is dropped, and the
-            // scheduler hands the step out again when its lease expires.
-            if results.send(result).is_err() {
-                debug!("stream closed before the result could be sent; result dropped");
-            }
+            // Whichever stream is open now (not necessarily the one the task came on),
+            // or the next one.
+            outbox.send(task_result(run_id, fencing_token, &outcome));
         };
         deliveries.spawn(delivery.instrument(span));
     }
@@ -351,20 +347,20 @@ fn report_panic(finished: Result<(), JoinError>) {
     }
 }
 
-/// Sends the heartbeat that is due (if still due) for the tasks held on `attached`.
-fn send_heartbeat(attached: &Attached) {
-    if let Some(beat) = attached.held.beat(tokio::time::Instant::now()) {
-        // A closed stream is noticed by the task side; the leases then expire.
-        let _ = attached.results.send(heartbeat::message(beat));
+/// Sends the heartbeat that is due (if still due) for the tasks held, on the open stream.
+fn send_heartbeat(held: &HeldTasks, outbox: &Outbox) {
+    if let Some(beat) = held.beat(tokio::time::Instant::now()) {
+        // A closed stream is noticed by the task side; the next one heartbeats again.
+        outbox.send_now(heartbeat::message(beat));
     }
 }
 
 /// [`drain`] while the stream is still open: deliveries that outlast their lease during
 /// shutdown keep it, so their results still count.
-async fn drain_attached(deliveries: &mut JoinSet<()>, attached: &Attached) {
+async fn drain_attached(deliveries: &mut JoinSet<()>, held: &HeldTasks, attached: &Attached) {
     tokio::select! {
         () = drain(deliveries) => {}
-        () = attached.held.keep_beating(&attached.results) => {}
+        () = held.keep_beating(&attached.results) => {}
     }
 }
 

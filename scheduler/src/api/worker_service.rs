@@ -82,6 +82,9 @@ impl WorkerService for WorkerApi {
         self.engine
             .workers()
             .set_channel_retry(connection, channel_retry);
+        // Before any of its messages is read: its buffered results and heartbeats may be
+        // for steps it held on an earlier stream.
+        self.engine.on_worker_attached(connection, &worker_id);
         self.engine.nudge();
         let engine = Arc::clone(&self.engine);
         let stopped = self.engine.shutdown_token().clone();

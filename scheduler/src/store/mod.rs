@@ -182,6 +182,8 @@ pub struct RunRecord {
     pub timeline: Vec<TimelineEntry>,
     /// A worker holds its current step.
     pub leased: bool,
+    /// The fencing token of the current (or last) lease.
+    pub fence: u64,
 }
 
 impl Store {
@@ -669,5 +671,6 @@ fn run_record(
         detail: text("d"),
         timeline,
         leased,
+        fence: u64::try_from(number("f")).unwrap_or_default(),
     }))
 }

@@ -1,7 +1,8 @@
 -- Applies a batch of outcomes for leased runs of one partition. An outcome counts
 -- only while its run is still leased under the same fencing token; a stale one (the
 -- lease expired and the step was handed out again, or the run was cancelled) is
--- ignored and counted.
+-- ignored and counted, as is a second outcome for the same run in one batch (a worker
+-- that re-attached may report a result twice).
 -- KEYS[1] due set, KEYS[2] lease set, KEYS[3] dead-letter set
 -- ARGV[1] run key prefix, ARGV[2] now ms, ARGV[3] retention of finished runs (s),
 -- ARGV[4] prefix of the per-playbook dead-letter sets,
@@ -14,11 +15,13 @@
 local runs, now, retention, dead_by_playbook = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local applied, stale = 0, 0
 local released = {}
+local seen = {}
 for i = 5, #ARGV, 10 do
   local id = ARGV[i]
   local key = runs .. id
   local current = redis.call('HMGET', key, 'f', 't', 'pb')
-  if redis.call('ZSCORE', KEYS[2], id) and current[1] == ARGV[i + 1] then
+  if not seen[id] and redis.call('ZSCORE', KEYS[2], id) and current[1] == ARGV[i + 1] then
+    seen[id] = true
     released[#released + 1] = id
     local fields = {'ua', now, 'd', ARGV[i + 7], 'i', ARGV[i + 3]}
     local line = ARGV[i + 8]
