@@ -17,6 +17,8 @@
 //! - [`TcpProxy`]: a TCP proxy to cut and restore, a network failure between two processes;
 //! - [`Stack`]: all of the above for one test (Redis, receiver, scheduler, workers), and
 //!   [`welcome_yaml`], the repository's example journey with a short wait.
+//! - [`soak`]: the bounded chaos soak behind the `touchpoint-soak` binary (not run by
+//!   `cargo test`).
 //!
 //! Every helper starts its own resources on free ports, so tests run in parallel.
 
@@ -30,6 +32,7 @@ mod receiver;
 mod redis_server;
 mod security;
 mod signature;
+pub mod soak;
 mod stack;
 
 pub use client::{Authorized, Credentials, TouchpointClient, run_summary};
