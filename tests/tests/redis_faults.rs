@@ -144,3 +144,73 @@ async fn redis_down_for_five_seconds_fails_calls_fast_and_timers_catch_up() {
         "one warning per outage, not one per partition:\n{log}"
     );
 }
+
+/// Enrolls `n` runs, each acknowledged, then restarts Redis as `restart` says and checks
+/// that every one of them is still there.
+async fn enrollments_survive(
+    appendfsync: &str,
+    restart: impl FnOnce(&mut touchpoint_tests::RedisServer),
+) {
+    use touchpoint_proto::v1::GetRunRequest;
+
+    // No worker: the runs stay scheduled, only their records matter here.
+    let mut stack = Stack::start(NODE, &[], &[]).await;
+    let mut conn = stack
+        .redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendfsync")
+        .arg(appendfsync)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    stack
+        .apply("name: durable\nsteps:\n  - {id: notify, action: send_message, channel: wecom}\n")
+        .await;
+    let mut acknowledged = Vec::new();
+    for i in 0..100 {
+        let id = format!("c-{i}");
+        acknowledged.push(
+            stack
+                .enroll("durable", contact(&id, &[], &[]), &request_id())
+                .await
+                .run_id,
+        );
+    }
+    restart(&mut stack.redis);
+    for run_id in &acknowledged {
+        let found = eventually(TIMEOUT, || {
+            let mut runs = stack.client.runs.clone();
+            let run_id = run_id.clone();
+            async move { runs.get_run(GetRunRequest { run_id }).await.is_ok() }
+        })
+        .await;
+        assert!(
+            found,
+            "run {run_id} was acknowledged but is gone after the restart"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_enrollments_survive_a_redis_kill_under_appendfsync_always() {
+    enrollments_survive("always", |redis| {
+        redis.kill();
+        redis.restart();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_enrollments_survive_a_clean_redis_restart_under_everysec() {
+    enrollments_survive("everysec", |redis| {
+        let mut conn = redis.client().get_connection().expect("a connection");
+        let _ = redis::cmd("SHUTDOWN").query::<()>(&mut conn);
+        redis.restart();
+    })
+    .await;
+}
