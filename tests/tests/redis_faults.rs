@@ -160,14 +160,14 @@ async fn enrollments_survive(
         .client()
         .get_multiplexed_async_connection()
         .await
-        .unwrap();
+        .expect("a connection");
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("appendfsync")
         .arg(appendfsync)
         .query_async(&mut conn)
         .await
-        .unwrap();
+        .expect("CONFIG SET appendfsync");
     stack
         .apply("name: durable\nsteps:\n  - {id: notify, action: send_message, channel: wecom}\n")
         .await;
