@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
+use touchpoint_proto::security::root_cause;
 
 use anyhow::anyhow;
 use clap::Args;
@@ -100,7 +101,7 @@ impl Client {
         };
         let endpoint = security::client_endpoint(&server, &tls)?.connect_timeout(args.timeout);
         let channel = endpoint.connect().await.map_err(|err| {
-            let cause = cause(&err);
+            let cause = root_cause(&err);
             anyhow!(
                 "cannot reach the scheduler at {server}: {cause}{}",
                 tls_hint(&cause)
@@ -153,7 +154,7 @@ impl Client {
         // A failure on our side of the connection (a TLS alert, a protocol mismatch)
         // says what happened only in its source.
         let detailed;
-        let message = match std::error::Error::source(&status).map(cause) {
+        let message = match std::error::Error::source(&status).map(root_cause) {
             Some(cause) if !status.message().contains(&cause) => {
                 // Under TLS 1.3 the server refuses a missing client certificate after the
                 // client's handshake is done, so the client sees the connection go away in
@@ -211,16 +212,6 @@ fn tls_hint(cause: &str) -> &'static str {
     } else {
         ""
     }
-}
-
-/// The innermost error of a chain ("Connection refused (os error 111)"), which
-/// says more than tonic's outer "transport error".
-fn cause(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut inner = err;
-    while let Some(source) = inner.source() {
-        inner = source;
-    }
-    inner.to_string()
 }
 
 #[cfg(test)]

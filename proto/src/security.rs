@@ -172,7 +172,9 @@ pub fn client_endpoint(server: &str, tls: &ClientTls) -> Result<Endpoint, Config
     }
 }
 
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+/// The innermost error of a chain ("Connection refused (os error 111)"), which says more
+/// than an outer "transport error".
+pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     let mut inner = error;
     while let Some(source) = inner.source() {
         inner = source;

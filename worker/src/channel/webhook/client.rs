@@ -2,6 +2,7 @@
 //! any other status fails the step.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use touchpoint_proto::security::root_cause;
 
 use async_trait::async_trait;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
@@ -162,14 +163,6 @@ fn transport_error(error: &reqwest::Error, timeout: Duration) -> Error {
     } else {
         Error::retryable(format!("request failed: {}", root_cause(error)))
     }
-}
-
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = error;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    cause.to_string()
 }
 
 #[cfg(test)]
