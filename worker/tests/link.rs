@@ -4,123 +4,19 @@
 // Test helpers, like tests, fail by panicking (clippy.toml only covers `#[test]` bodies).
 #![allow(clippy::unwrap_used)]
 
-use std::future::Future;
+mod common;
+
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
-use tonic::{Request, Response, Status, Streaming};
-use touchpoint_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
-use touchpoint_proto::v1::{
-    Contact, Hello, Outcome, SchedulerMessage, Task, TaskResult, Welcome, WorkerMessage,
-    scheduler_message, worker_message,
-};
+use tonic::Status;
+use touchpoint_proto::v1::{Contact, Outcome, SchedulerMessage, Task, scheduler_message};
 use touchpoint_worker::WorkerConfig;
 
-type Outbox = mpsc::UnboundedSender<Result<SchedulerMessage, Status>>;
-
-/// Answers Hello with Welcome and hands each stream's sending side to the test, which
-/// sends Tasks on it and closes the stream by dropping it.
-#[derive(Clone)]
-struct Service {
-    hellos: mpsc::UnboundedSender<Hello>,
-    results: mpsc::UnboundedSender<TaskResult>,
-    streams: mpsc::UnboundedSender<Outbox>,
-}
-
-#[tonic::async_trait]
-impl WorkerService for Service {
-    type AttachStream = UnboundedReceiverStream<Result<SchedulerMessage, Status>>;
-
-    async fn attach(
-        &self,
-        request: Request<Streaming<WorkerMessage>>,
-    ) -> Result<Response<Self::AttachStream>, Status> {
-        let mut inbound = request.into_inner();
-        let Some(worker_message::Kind::Hello(hello)) =
-            inbound.message().await?.and_then(|message| message.kind)
-        else {
-            return Err(Status::invalid_argument("Hello must come first"));
-        };
-        self.hellos.send(hello).unwrap();
-        let (outbox, stream) = mpsc::unbounded_channel();
-        outbox
-            .send(Ok(SchedulerMessage {
-                kind: Some(scheduler_message::Kind::Welcome(Welcome {
-                    scheduler_id: "test-scheduler".to_owned(),
-                })),
-            }))
-            .unwrap();
-        let results = self.results.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(message)) = inbound.message().await {
-                if let Some(worker_message::Kind::Result(result)) = message.kind {
-                    let _ = results.send(result);
-                }
-            }
-        });
-        self.streams.send(outbox).unwrap();
-        Ok(Response::new(UnboundedReceiverStream::new(stream)))
-    }
-}
-
-/// The test's view of the scheduler.
-struct Scheduler {
-    hellos: mpsc::UnboundedReceiver<Hello>,
-    results: mpsc::UnboundedReceiver<TaskResult>,
-    streams: mpsc::UnboundedReceiver<Outbox>,
-}
-
-impl Scheduler {
-    /// Serves on `listener` until the test ends.
-    fn serve(listener: TcpListener) -> Self {
-        let (hellos, hellos_rx) = mpsc::unbounded_channel();
-        let (results, results_rx) = mpsc::unbounded_channel();
-        let (streams, streams_rx) = mpsc::unbounded_channel();
-        let service = Service {
-            hellos,
-            results,
-            streams,
-        };
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(WorkerServiceServer::new(service))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
-        Self {
-            hellos: hellos_rx,
-            results: results_rx,
-            streams: streams_rx,
-        }
-    }
-
-    async fn start() -> (Self, String) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = format!("http://{}", listener.local_addr().unwrap());
-        (Self::serve(listener), server)
-    }
-
-    /// The next worker to attach: its Hello and the stream to send it tasks on.
-    async fn attached(&mut self) -> (Hello, Outbox) {
-        let hello = within(self.hellos.recv()).await.unwrap();
-        let outbox = within(self.streams.recv()).await.unwrap();
-        (hello, outbox)
-    }
-
-    async fn result(&mut self) -> TaskResult {
-        within(self.results.recv()).await.unwrap()
-    }
-}
-
-async fn within<T>(future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), future)
-        .await
-        .expect("timed out")
-}
+use common::{FakeScheduler as Scheduler, held_hook, within};
 
 fn task(run_id: &str, channel: &str) -> Result<SchedulerMessage, Status> {
     Ok(SchedulerMessage {
@@ -166,26 +62,6 @@ impl Worker {
         self.stop.send(()).unwrap();
         within(self.handle).await.unwrap().unwrap();
     }
-}
-
-/// A webhook receiver that holds every request until the test releases it.
-async fn held_receiver() -> (String, Arc<Notify>) {
-    let release = Arc::new(Notify::new());
-    let held = Arc::clone(&release);
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move || {
-            let held = Arc::clone(&held);
-            async move {
-                held.notified().await;
-                "ok"
-            }
-        }),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, release)
 }
 
 fn config_with_held_webhook(server: &str, url: &str) -> WorkerConfig {
@@ -237,7 +113,7 @@ async fn says_hello_then_reports_each_task() {
 #[tokio::test]
 async fn a_slow_delivery_does_not_hold_up_the_others() {
     let (mut scheduler, server) = Scheduler::start().await;
-    let (url, release) = held_receiver().await;
+    let (url, release) = held_hook().await;
     let worker = Worker::start(config_with_held_webhook(&server, &url));
     let (_, outbox) = scheduler.attached().await;
 
@@ -293,7 +169,7 @@ async fn waits_for_a_scheduler_that_is_not_up_yet() {
 #[tokio::test]
 async fn shutdown_waits_for_in_flight_deliveries_to_report() {
     let (mut scheduler, server) = Scheduler::start().await;
-    let (url, release) = held_receiver().await;
+    let (url, release) = held_hook().await;
     let Worker { stop, mut handle } = Worker::start(config_with_held_webhook(&server, &url));
     let (_, outbox) = scheduler.attached().await;
 

@@ -6,116 +6,18 @@
 // Test helpers, like tests, fail by panicking (clippy.toml only covers `#[test]` bodies).
 #![allow(clippy::unwrap_used)]
 
-use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod common;
 
-use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc, oneshot};
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
-use tonic::{Request, Response, Status, Streaming};
-use touchpoint_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tonic::Status;
 use touchpoint_proto::v1::{
-    Contact, Outcome, SchedulerMessage, Task, Welcome, WorkerMessage, scheduler_message,
-    worker_message,
+    Contact, Outcome, SchedulerMessage, Task, scheduler_message, worker_message,
 };
 use touchpoint_worker::WorkerConfig;
 
-type Outbox = mpsc::UnboundedSender<Result<SchedulerMessage, Status>>;
-
-/// What the worker sent: the stream it came on (1, 2, ...) and the message.
-type Inbox = mpsc::UnboundedReceiver<(usize, worker_message::Kind)>;
-
-#[derive(Clone)]
-struct Service {
-    /// While set, attaches are refused (the scheduler is "down").
-    refusing: Arc<AtomicBool>,
-    attached: Arc<std::sync::atomic::AtomicUsize>,
-    messages: mpsc::UnboundedSender<(usize, worker_message::Kind)>,
-    streams: mpsc::UnboundedSender<Outbox>,
-}
-
-#[tonic::async_trait]
-impl WorkerService for Service {
-    type AttachStream = UnboundedReceiverStream<Result<SchedulerMessage, Status>>;
-
-    async fn attach(
-        &self,
-        request: Request<Streaming<WorkerMessage>>,
-    ) -> Result<Response<Self::AttachStream>, Status> {
-        if self.refusing.load(Ordering::SeqCst) {
-            return Err(Status::unavailable("down for the test"));
-        }
-        let stream = self.attached.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut inbound = request.into_inner();
-        let (outbox, tasks) = mpsc::unbounded_channel();
-        outbox
-            .send(Ok(SchedulerMessage {
-                kind: Some(scheduler_message::Kind::Welcome(Welcome {
-                    scheduler_id: "test-scheduler".to_owned(),
-                })),
-            }))
-            .unwrap();
-        let messages = self.messages.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(message)) = inbound.message().await {
-                if let Some(kind) = message.kind {
-                    let _ = messages.send((stream, kind));
-                }
-            }
-        });
-        self.streams.send(outbox).unwrap();
-        Ok(Response::new(UnboundedReceiverStream::new(tasks)))
-    }
-}
-
-async fn within<T>(future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), future)
-        .await
-        .expect("timed out")
-}
-
-/// A webhook receiver at `/<name>` for each name, each holding its requests until its
-/// `Notify` is signalled; `arrived` gets the name of every request as it comes in.
-async fn held_receiver(
-    names: &[&str],
-) -> (String, Vec<Arc<Notify>>, mpsc::UnboundedReceiver<String>) {
-    let (arrived_tx, arrived) = mpsc::unbounded_channel();
-    let mut app = axum::Router::new();
-    let mut releases = Vec::new();
-    for name in names {
-        let release = Arc::new(Notify::new());
-        releases.push(Arc::clone(&release));
-        let arrived_tx = arrived_tx.clone();
-        let name = (*name).to_owned();
-        app = app.route(
-            &format!("/{name}"),
-            axum::routing::post(move || {
-                let release = Arc::clone(&release);
-                let _ = arrived_tx.send(name.clone());
-                async move {
-                    release.notified().await;
-                    "ok"
-                }
-            }),
-        );
-    }
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (base, releases, arrived)
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
+use common::{FakeScheduler, held_receiver, now_ms, start_worker, within};
 
 /// A task on `channel` whose lease ends 30 s from now (heartbeated every second).
 fn task(run_id: &str, channel: &str) -> Result<SchedulerMessage, Status> {
@@ -142,21 +44,8 @@ fn task(run_id: &str, channel: &str) -> Result<SchedulerMessage, Status> {
 
 #[tokio::test]
 async fn a_result_finished_while_the_link_is_down_goes_first_on_the_next_stream() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = format!("http://{}", listener.local_addr().unwrap());
-    let refusing = Arc::new(AtomicBool::new(false));
-    let (messages, mut inbox): (_, Inbox) = mpsc::unbounded_channel();
-    let (streams, mut streams_rx) = mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(WorkerServiceServer::new(Service {
-                refusing: Arc::clone(&refusing),
-                attached: Arc::default(),
-                messages,
-                streams,
-            }))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let (mut scheduler, server) = FakeScheduler::start().await;
+    let refusing = std::sync::Arc::clone(&scheduler.refusing);
     let (base, releases, mut arrived) = held_receiver(&["fast", "slow"]).await;
     let text = format!(
         "server = {server:?}\nconcurrency = 4\nworker_id = \"w-1\"\n\
@@ -164,13 +53,10 @@ async fn a_result_finished_while_the_link_is_down_goes_first_on_the_next_stream(
          [[channel]]\nname = \"slow\"\nkind = \"webhook\"\nurl = \"{base}/slow\"\n"
     );
     let config = WorkerConfig::from_toml(&text, |_| None).unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let worker = tokio::spawn(touchpoint_worker::run(config, async move {
-        let _ = stopped.await;
-    }));
+    let (stop, worker) = start_worker(config);
 
     // Stream 1: both tasks reach their receivers and are held there.
-    let first = within(streams_rx.recv()).await.unwrap();
+    let first = within(scheduler.streams.recv()).await.unwrap();
     first.send(task("run-fast", "fast")).unwrap();
     first.send(task("run-slow", "slow")).unwrap();
     let mut names = vec![
@@ -189,11 +75,11 @@ async fn a_result_finished_while_the_link_is_down_goes_first_on_the_next_stream(
 
     // The scheduler is back: the kept result is the first message after Hello.
     refusing.store(false, Ordering::SeqCst);
-    let _second = within(streams_rx.recv()).await.unwrap();
+    let _second = within(scheduler.streams.recv()).await.unwrap();
     let mut next_on_second = async || loop {
-        let (stream, message) = within(inbox.recv()).await.unwrap();
-        if stream == 2 {
-            break message;
+        let received = scheduler.next().await;
+        if received.stream == 2 {
+            break received.kind;
         }
     };
     let hello = next_on_second().await;
@@ -216,7 +102,8 @@ async fn a_result_finished_while_the_link_is_down_goes_first_on_the_next_stream(
 
     // The slow delivery is still held: the new stream heartbeats it.
     let beat = loop {
-        match within(inbox.recv()).await.unwrap() {
+        let received = scheduler.next().await;
+        match (received.stream, received.kind) {
             (2, worker_message::Kind::Heartbeat(beat)) => break beat,
             (2, worker_message::Kind::Result(r)) => panic!("unexpected result {r:?}"),
             _ => {}
@@ -232,7 +119,8 @@ async fn a_result_finished_while_the_link_is_down_goes_first_on_the_next_stream(
     // And its result goes out on the new stream too.
     releases[1].notify_one();
     let result = loop {
-        if let (2, worker_message::Kind::Result(result)) = within(inbox.recv()).await.unwrap() {
+        let received = scheduler.next().await;
+        if let (2, worker_message::Kind::Result(result)) = (received.stream, received.kind) {
             break result;
         }
     };
