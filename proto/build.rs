@@ -6,10 +6,13 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
+        "proto/touchpoint/v1/contact.proto",
         "proto/touchpoint/v1/dlq.proto",
         "proto/touchpoint/v1/playbook.proto",
+        "proto/touchpoint/v1/policy.proto",
         "proto/touchpoint/v1/run.proto",
         "proto/touchpoint/v1/worker.proto",
+        "proto/touchpoint/adapter/v1/adapter.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(files, ["proto"])?;

@@ -12,9 +12,12 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status, TimeoutExpired};
 use touchpoint_proto::MAX_MESSAGE_BYTES;
 use touchpoint_proto::security::{self, BearerToken, ClientTls};
+use touchpoint_proto::v1::contact_service_client::ContactServiceClient;
 use touchpoint_proto::v1::dead_letter_service_client::DeadLetterServiceClient;
 use touchpoint_proto::v1::enrollment_service_client::EnrollmentServiceClient;
+use touchpoint_proto::v1::event_service_client::EventServiceClient;
 use touchpoint_proto::v1::playbook_service_client::PlaybookServiceClient;
+use touchpoint_proto::v1::policy_service_client::PolicyServiceClient;
 use touchpoint_proto::v1::run_service_client::RunServiceClient;
 
 /// The scheduler's address when neither `--server` nor `TOUCHPOINT_SERVER` says otherwise.
@@ -143,6 +146,27 @@ impl Client {
     /// The dead-letter service.
     pub(crate) fn dead_letters(&self) -> DeadLetterServiceClient<Service> {
         DeadLetterServiceClient::with_interceptor(self.channel.clone(), self.metadata.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// The contact service.
+    pub(crate) fn contacts(&self) -> ContactServiceClient<Service> {
+        ContactServiceClient::with_interceptor(self.channel.clone(), self.metadata.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// The event service.
+    pub(crate) fn events(&self) -> EventServiceClient<Service> {
+        EventServiceClient::with_interceptor(self.channel.clone(), self.metadata.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// The policy service.
+    pub(crate) fn policies(&self) -> PolicyServiceClient<Service> {
+        PolicyServiceClient::with_interceptor(self.channel.clone(), self.metadata.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }

@@ -1,7 +1,8 @@
 //! `tp`: Touchpoint's command line for marketers and operators.
 //!
 //! Data goes to stdout, messages and errors to stderr. Exit codes: 0 on success,
-//! 1 when a request fails, 2 on bad usage (clap's own code for parse errors).
+//! 1 when a request fails, 2 on bad usage (clap's own code for parse errors, and
+//! [`commands::UsageError`] for what clap cannot check).
 
 mod client;
 mod commands;
@@ -12,11 +13,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::client::{Client, GLOBAL, ServerArgs};
-use crate::commands::{dev, dlq, enroll, playbook, run};
+use crate::commands::{UsageError, contact, dev, dlq, enroll, event, playbook, policy, run, stats};
 use crate::output::Format;
 
-/// Exit code of a failed request (bad usage exits with clap's 2).
+/// Exit code of a failed request.
 const EXIT_FAILED: u8 = 1;
+/// Exit code of bad usage (clap's own).
+const EXIT_USAGE: u8 = 2;
 
 /// Touchpoint: schedule marketing touchpoint campaigns.
 #[derive(Parser, Debug)]
@@ -34,14 +37,25 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Apply, list and read playbooks.
+    /// Apply, list, read, pause and resume playbooks.
     #[command(subcommand)]
     Playbook(playbook::PlaybookCommand),
-    /// Start a run of a playbook for one contact.
+    /// Start runs of a playbook: for one contact, or for every contact of a file.
     Enroll(enroll::EnrollArgs),
     /// List, read and cancel runs.
     #[command(subcommand)]
     Run(run::RunCommand),
+    /// Create, change and read contacts.
+    #[command(subcommand)]
+    Contact(contact::ContactCommand),
+    /// Report what contacts did (e.g. order.placed).
+    #[command(subcommand)]
+    Event(event::EventCommand),
+    /// Apply and read the contact budget: frequency caps and quiet hours.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// A playbook's per-step funnel and conversion rate.
+    Stats(stats::StatsArgs),
     /// List and retry dead letters: runs that failed at a step.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -58,7 +72,11 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", one_line(&format!("{err:#}")));
-            ExitCode::from(EXIT_FAILED)
+            if err.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
         }
     }
 }
@@ -77,6 +95,16 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Enroll(args) => enroll::run(args, &Client::connect(&server).await?, output).await,
         Command::Run(command) => run::run(command, &Client::connect(&server).await?, output).await,
         Command::Dlq(command) => dlq::run(command, &Client::connect(&server).await?, output).await,
+        Command::Contact(command) => {
+            contact::run(command, &Client::connect(&server).await?, output).await
+        }
+        Command::Event(command) => {
+            event::run(command, &Client::connect(&server).await?, output).await
+        }
+        Command::Policy(command) => {
+            policy::run(command, &Client::connect(&server).await?, output).await
+        }
+        Command::Stats(args) => stats::run(args, &Client::connect(&server).await?, output).await,
     }
 }
 
@@ -120,7 +148,7 @@ mod tests {
         let Command::Enroll(args) = cli.command else {
             panic!("expected enroll, got {:?}", cli.command);
         };
-        let request = args.request();
+        let request = args.request().unwrap_or_default();
         assert_eq!(request.playbook, "welcome-new-customer");
         let contact = request.contact.unwrap_or_default();
         assert_eq!(contact.id, "c-1001");
@@ -148,6 +176,25 @@ mod tests {
             &["dlq", "retry"],
             &["dlq", "retry", "r-1", "--playbook", "p"],
             &["dlq", "list", "--limit", "0"],
+            &["enroll", "p", "--contact", "c-1", "--file", "a.csv"],
+            &["enroll", "p", "--file", "a.csv", "--tag", "paid"],
+            &["enroll", "p", "--file", "a.csv", "--request-id", "r"],
+            &["enroll", "p", "--file", "-"],
+            &["enroll", "p", "--contact", "c-1", "--format", "csv"],
+            &["enroll", "p", "--file", "a.txt", "--format", "xml"],
+            &["run", "cancel"],
+            &["run", "cancel", "r-1", "--playbook", "p"],
+            &["run", "cancel", "r-1", "--step", "s"],
+            &["run", "cancel", "--step", "s"],
+            &["contact", "upsert"],
+            &["contact", "upsert", "c-1", "--attr", "x"],
+            &["contact", "get"],
+            &["event", "send", "c-1"],
+            &["policy", "apply"],
+            &["policy", "get", "extra"],
+            &["playbook", "pause"],
+            &["stats"],
+            &["stats", "p", "--version", "0"],
             &["nonsense"],
         ] {
             match parse(args) {
@@ -155,6 +202,62 @@ mod tests {
                 Err(err) => assert_eq!(err.exit_code(), 2, "{args:?}: {err}"),
             }
         }
+    }
+
+    #[test]
+    fn new_commands_parse() -> anyhow::Result<()> {
+        let Command::Enroll(args) =
+            parse(&["enroll", "p", "--file", "-", "--format", "jsonl"])?.command
+        else {
+            panic!("expected enroll");
+        };
+        assert!(args.request().is_none(), "{args:?}");
+        let Command::Run(run::RunCommand::Cancel {
+            run_id,
+            playbook,
+            step_id,
+        }) = parse(&["run", "cancel", "--playbook", "p", "--step", "remind"])?.command
+        else {
+            panic!("expected run cancel");
+        };
+        assert_eq!(
+            (run_id, playbook.as_deref(), step_id.as_deref()),
+            (None, Some("p"), Some("remind"))
+        );
+        for args in [
+            &[
+                "contact",
+                "upsert",
+                "c-1",
+                "--attr",
+                "a=1",
+                "--remove-tag",
+                "t",
+                "--remove-attr",
+                "b",
+            ][..],
+            &["contact", "get", "c-1", "-o", "yaml"],
+            &[
+                "event",
+                "send",
+                "c-1",
+                "order.placed",
+                "--attr",
+                "order=o-1",
+                "--request-id",
+                "e-1",
+            ],
+            &["policy", "apply", "-f", "policy.yaml", "--dry-run"],
+            &["policy", "get"],
+            &["playbook", "pause", "p"],
+            &["playbook", "resume", "p"],
+            &["stats", "p", "--version", "2"],
+            &["run", "cancel", "r-1"],
+            &["run", "list", "--status", "converted"],
+        ] {
+            parse(args).map_err(|err| anyhow::anyhow!("{args:?}: {err}"))?;
+        }
+        Ok(())
     }
 
     #[test]

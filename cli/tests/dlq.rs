@@ -2,14 +2,9 @@
 //! worker): a step whose template fails to render dead-letters its run; once the
 //! contact is fixed, `tp dlq retry` puts the run back and it completes.
 
-use std::{
-    path::Path,
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
-};
+mod common;
 
-const TP: &str = env!("CARGO_BIN_EXE_tp");
-const TIMEOUT: Duration = Duration::from_secs(30);
+use common::{Dev, write};
 
 /// Divides by the contact's `d` attribute: fails to render for `d=0`.
 const PLAYBOOK: &str = r#"name: dlq-cli
@@ -20,117 +15,6 @@ steps:
     template: "{{ params.n // (contact.attrs.d | int) }}"
     params: { n: 6 }
 "#;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// `tp dev` in the background; SIGINT (its clean stop) on drop.
-struct Dev {
-    child: Child,
-    server: String,
-    log: tempfile::NamedTempFile,
-}
-
-impl Dev {
-    fn start() -> Self {
-        let listen = format!("127.0.0.1:{}", free_port());
-        let log = tempfile::NamedTempFile::new().expect("a log file");
-        let child = Command::new(TP)
-            .args(["dev", "--listen", &listen])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log.reopen().expect("the log file"))
-            .spawn()
-            .expect("start tp dev");
-        let dev = Self {
-            child,
-            server: format!("http://{listen}"),
-            log,
-        };
-        let deadline = Instant::now() + TIMEOUT;
-        while !dev.tp(&["playbook", "list"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "tp dev did not answer:\n{}",
-                dev.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        dev
-    }
-
-    /// `tp --server <dev> ARGS...`.
-    fn tp(&self, args: &[&str]) -> Output {
-        Command::new(TP)
-            .args(["--server", &self.server])
-            .args(args)
-            .output()
-            .expect("run tp")
-    }
-
-    /// `tp ARGS...`, which must succeed; its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let output = self.tp(args);
-        assert!(
-            output.status.success(),
-            "tp {args:?} exited with {:?}: {}",
-            output.status.code(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-
-    /// `tp ARGS... -o json`, parsed.
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let args: Vec<&str> = args.iter().copied().chain(["-o", "json"]).collect();
-        let stdout = self.ok(&args);
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("tp {args:?}: {e}: {stdout}"))
-    }
-
-    /// Polls `tp ARGS -o json` until `done` holds.
-    fn wait_for(
-        &self,
-        args: &[&str],
-        what: &str,
-        done: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let value = self.json(args);
-            if done(&value) {
-                return value;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not happen; last seen: {value:#}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write the playbook");
-    path.to_string_lossy().into_owned()
-}
 
 #[test]
 fn dlq_list_and_retry() {
@@ -172,9 +56,8 @@ fn dlq_list_and_retry() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("not found"), "{stderr}");
 
-    // Fix the contact (enrolling upserts it; that second run renders and completes),
-    // then retry the dead letter: it renders now and is delivered.
-    dev.ok(&["enroll", "dlq-cli", "--contact", "c-1", "--attr", "d=2"]);
+    // Fix the contact, then retry the dead letter: it renders now and is delivered.
+    dev.ok(&["contact", "upsert", "c-1", "--attr", "d=2"]);
     assert_eq!(
         dev.ok(&["dlq", "retry", &run_id]).trim(),
         format!("run/{run_id} retried")

@@ -4,12 +4,17 @@
 //! - [`v1::playbook_service_server`] / client: apply, get, list playbooks;
 //! - [`v1::enrollment_service_server`] and [`v1::run_service_server`]: start, read, cancel runs;
 //! - [`v1::dead_letter_service_server`]: list and retry runs that failed at a step;
-//! - [`v1::worker_service_server`]: the worker stream (Hello, Task, TaskResult).
+//! - [`v1::worker_service_server`]: the worker stream (Hello, Task, TaskResult);
+//! - [`adapter::v1::channel_adapter_client`] / server: external channel adapters
+//!   (`proto/touchpoint/adapter/v1/adapter.proto`) that workers call for `kind = "grpc"`.
 //!
 //! [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection; [`security`] connects clients over
-//! plaintext or TLS with a bearer token.
+//! plaintext or TLS with a bearer token; [`telemetry`] sets up logs and trace export, and
+//! [`metrics`] defines every Prometheus metric.
 
+pub mod metrics;
 pub mod security;
+pub mod telemetry;
 
 /// Generated messages and services of package `touchpoint.v1`.
 #[allow(
@@ -20,6 +25,22 @@ pub mod security;
 )]
 pub mod v1 {
     tonic::include_proto!("touchpoint.v1");
+}
+
+/// Generated messages and services of package `touchpoint.adapter.v1`: the contract of
+/// external channel adapters (`ChannelAdapter.Describe` / `Deliver`), which a worker's
+/// `kind = "grpc"` channel calls.
+pub mod adapter {
+    /// Version 1 of the external adapter contract.
+    #[allow(
+        missing_docs,
+        unreachable_pub,
+        clippy::all,
+        missing_debug_implementations
+    )]
+    pub mod v1 {
+        tonic::include_proto!("touchpoint.adapter.v1");
+    }
 }
 
 /// Encoded descriptors of every Touchpoint proto file, for server reflection.

@@ -120,6 +120,43 @@ pub const RPC_ROLES: &[(&str, &[Role])] = &[
         "touchpoint.v1.DeadLetterService/RetryDeadLetters",
         &[Admin, Marketer],
     ),
+    (
+        "touchpoint.v1.PlaybookService/PausePlaybook",
+        &[Admin, Marketer],
+    ),
+    (
+        "touchpoint.v1.PlaybookService/ResumePlaybook",
+        &[Admin, Marketer],
+    ),
+    (
+        "touchpoint.v1.PlaybookService/GetStats",
+        &[Admin, Marketer, Viewer],
+    ),
+    (
+        "touchpoint.v1.EnrollmentService/EnrollBatch",
+        &[Admin, Marketer, Service],
+    ),
+    ("touchpoint.v1.RunService/CancelRuns", &[Admin, Marketer]),
+    (
+        "touchpoint.v1.ContactService/UpsertContact",
+        &[Admin, Marketer, Service, Worker],
+    ),
+    (
+        "touchpoint.v1.ContactService/GetContact",
+        &[Admin, Marketer, Viewer, Service],
+    ),
+    (
+        "touchpoint.v1.EventService/RecordEvent",
+        &[Admin, Marketer, Service, Worker],
+    ),
+    (
+        "touchpoint.v1.PolicyService/ApplyPolicy",
+        &[Admin, Marketer],
+    ),
+    (
+        "touchpoint.v1.PolicyService/GetPolicy",
+        &[Admin, Marketer, Viewer],
+    ),
     ("touchpoint.v1.WorkerService/Attach", &[Admin, Worker]),
 ];
 
@@ -661,7 +698,12 @@ mod tests {
             prost_types::FileDescriptorSet::decode(touchpoint_proto::FILE_DESCRIPTOR_SET)
                 .expect("the descriptor set decodes");
         let mut in_protos = BTreeSet::new();
-        for file in &descriptors.file {
+        // The external adapter contract is served by adapters, not by the scheduler.
+        for file in descriptors
+            .file
+            .iter()
+            .filter(|f| f.package() == "touchpoint.v1")
+        {
             for service in &file.service {
                 for method in &service.method {
                     in_protos.insert(format!(
@@ -677,7 +719,7 @@ mod tests {
             RPC_ROLES.iter().map(|(rpc, _)| (*rpc).to_owned()).collect();
         assert_eq!(
             in_protos, in_table,
-            "RPC_ROLES must list every RPC of the protos (and docs/security.md too)"
+            "RPC_ROLES must list every RPC of the touchpoint.v1 protos (and docs/security.md too)"
         );
         assert_eq!(in_table.len(), RPC_ROLES.len(), "an RPC is listed twice");
         for (rpc, roles) in RPC_ROLES {

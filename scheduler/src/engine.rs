@@ -10,11 +10,17 @@
 //! heartbeats extend the leases of what they still hold ([`Engine::on_heartbeat`],
 //! `extend.lua`).
 //!
+//! Channels with a rate limit (announced by workers, see [`Workers::channel_rate`]) take
+//! tokens from a bucket in Redis shared by every scheduler, once per channel per claim
+//! batch; steps beyond the tokens granted go back to due, their attempt not counted. A
+//! provider's "too many requests" holds the channel back for everyone (see
+//! `docs/channels.md`, "Rate limits").
+//!
 //! Nothing lives only in memory: a scheduler killed at any point leaves every run
 //! either due or leased in Redis, and leases expire back to due.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -24,19 +30,25 @@ use std::{
 
 use tokio::sync::{Notify, mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use touchpoint_proto::metrics::{ChannelLabels, OutcomeLabels, StepLabels, metrics};
+use touchpoint_proto::telemetry::continue_trace;
 use touchpoint_proto::v1::{self, Outcome, SchedulerMessage, TaskResult, scheduler_message};
-use tracing::{debug, info, warn};
+use tracing::{Span, debug, field::Empty, info, info_span, warn};
 
 use crate::{
     clock::now_ms,
-    playbook::{Action, Playbook, RetryPolicy, StepKind},
+    localtime,
+    playbook::{Action, Hold, Playbook, RetryPolicy, Step, StepKind},
     playbook_cache::{LoadError, LoadedPlaybook, PlaybookCache},
+    policy::{self, Policy},
     run::{
         Next, RunStatus, StepOutcome, TimelineEntry, idempotency_key, next_step, partition_of_run,
         retry_delay,
     },
-    store::{ClaimedRun, Completion, ContactRecord, Op, Store},
-    trace,
+    store::{
+        AfterEvent, CapCheck, ClaimedRun, Completion, ContactRecord, Op, Rate, Send, Spent, Stat,
+        Store, WaitRegistration,
+    },
     workers::{ConnectionId, NoWorker, Workers},
 };
 
@@ -68,11 +80,26 @@ struct InFlight {
     due_ms: i64,
     channel: String,
     playbook: Arc<LoadedPlaybook>,
+    /// The attempt's `dispatch` span: from hand-out to outcome.
+    span: Span,
 }
 
 /// The `connection` of a step whose worker's stream ended: it waits for the worker to
 /// re-attach until its lease runs out. (Connection ids start at 1.)
 const DETACHED: ConnectionId = 0;
+
+/// A provider's "too many requests" holds its channel back for at least this long...
+const PENALTY_MIN_MS: i64 = 1000;
+/// ... and at most this long, whatever its `Retry-After` says.
+const PENALTY_MAX_MS: i64 = 5 * 60 * 1000;
+/// After the hold, the channel's rate stays halved for this long.
+const PENALTY_HALVED_MS: i64 = 60 * 1000;
+/// The largest resume state kept (TaskProgress.state); a larger one is ignored.
+const MAX_RESUME_STATE: usize = 4096;
+/// The longest progress detail kept; a longer one is cut.
+const MAX_PROGRESS_DETAIL: usize = 256;
+/// The run detail of a step held back by its channel's rate limit (then the channel).
+pub(crate) const RATE_LIMITED: &str = "rate limited: waiting for ";
 
 /// The timer loop, dispatch and outcome handling of one scheduler.
 #[derive(Debug)]
@@ -92,11 +119,29 @@ pub(crate) struct Engine {
     shutdown: CancellationToken,
     /// Set by [`Engine::begin_shutdown`]: nothing more is handed out.
     draining: AtomicBool,
+    /// Set while outcomes wait for Redis: claims hold off until they are recorded, so a
+    /// lease that ran out during an outage is not handed out again over a known result.
+    outcomes_pending: AtomicBool,
+    /// The contact budget in force (version, policy), reloaded when a new version appears.
+    budget: Mutex<(u32, Arc<Policy>)>,
+    /// Paused playbooks, as last read from Redis (refreshed every second).
+    paused: Mutex<HashSet<String>>,
+    /// Playbooks whose runs this scheduler parked: swept back to due once they are no
+    /// longer paused (covers a run parked just after another scheduler resumed them).
+    parked: Mutex<HashSet<String>>,
+    /// Channels a provider asked to slow down, as far as this scheduler knows (from its
+    /// workers' results), with when the hold ends (ms, local clock). While listed, a
+    /// channel without a rate of its own still asks its bucket before each hand-out;
+    /// other channels without a rate cost no Redis call.
+    penalized: Mutex<HashMap<String, i64>>,
 }
+
+/// A claimed step ready to be handed to a worker.
+type Ready = (InFlight, v1::Task);
 
 /// What to do with a claimed run.
 enum Decision {
-    Settle(Completion),
+    Settle(Box<Completion>),
     Deliver(Box<(InFlight, v1::Task)>),
 }
 
@@ -132,6 +177,11 @@ impl Engine {
             tasks: TaskTracker::new(),
             shutdown: shutdown.clone(),
             draining: AtomicBool::new(false),
+            outcomes_pending: AtomicBool::new(false),
+            budget: Mutex::new((0, Arc::new(Policy::default()))),
+            paused: Mutex::new(HashSet::new()),
+            parked: Mutex::new(HashSet::new()),
+            penalized: Mutex::new(HashMap::new()),
         });
         engine
             .tasks
@@ -171,6 +221,67 @@ impl Engine {
         }
     }
 
+    /// The contact budget in force.
+    fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&lock(&self.budget).1)
+    }
+
+    fn is_paused(&self, playbook: &str) -> bool {
+        lock(&self.paused).contains(playbook)
+    }
+
+    /// Pauses or resumes a playbook on this scheduler at once (others follow within a
+    /// second, when they next read the paused set).
+    pub(crate) fn set_paused(&self, playbook: &str, paused: bool) {
+        let mut set = lock(&self.paused);
+        if paused {
+            set.insert(playbook.to_owned());
+        } else {
+            set.remove(playbook);
+        }
+    }
+
+    /// Reads the paused playbooks and the policy version; reloads a new policy; sweeps
+    /// back runs this scheduler parked for playbooks no longer paused.
+    async fn refresh_settings(&self) -> crate::store::Result<()> {
+        let paused = self.store.paused_playbooks().await?;
+        let unpaused: Vec<String> = lock(&self.parked)
+            .iter()
+            .filter(|name| !paused.contains(*name))
+            .cloned()
+            .collect();
+        *lock(&self.paused) = paused;
+        for name in unpaused {
+            let resumed = self.store.resume_parked(&name).await?;
+            lock(&self.parked).remove(&name);
+            if resumed > 0 {
+                info!(playbook = %name, resumed, "steps held while the playbook was paused go out now");
+                self.wake_all();
+            }
+        }
+        let version = self.store.policy_version().await?;
+        let changed = version != lock(&self.budget).0;
+        if changed && let Some((version, stored)) = self.store.get_policy().await? {
+            match policy::parse(&stored.yaml) {
+                Ok(policy) => {
+                    info!(version, "contact budget policy loaded");
+                    *lock(&self.budget) = (version, Arc::new(policy));
+                }
+                Err(err) => {
+                    warn!(version, error = %err, "stored policy no longer parses; keeping the previous one");
+                    lock(&self.budget).0 = version;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every partition due for a claim now.
+    pub(crate) fn wake_all(&self) {
+        lock(&self.next_check).iter_mut().for_each(|slot| *slot = 0);
+        self.wake.notify_one();
+    }
+
     /// Wakes the timer loop (e.g. a worker connected, so held-back steps can go).
     pub(crate) fn nudge(&self) {
         self.wake.notify_one();
@@ -183,8 +294,29 @@ impl Engine {
         loop {
             let now = now_ms();
             if now >= next_sweep {
-                forget_expired(&mut lock(&self.in_flight), now);
+                let held = {
+                    let mut in_flight = lock(&self.in_flight);
+                    forget_expired(&mut in_flight, now);
+                    in_flight.len()
+                };
+                metrics()
+                    .scheduler
+                    .leases_in_flight
+                    .set(i64::try_from(held).unwrap_or(i64::MAX));
                 next_sweep = now + 1000;
+                if let Err(err) = self.refresh_settings().await {
+                    debug!(error = %err, "reading paused playbooks and the policy failed; keeping the last ones");
+                }
+            }
+            if self.outcomes_pending.load(Ordering::Acquire) {
+                if !redis_down {
+                    redis_down = true;
+                    warn!("outcomes wait for Redis; timers pause until they are recorded");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
             }
             let due: Vec<u16> = lock(&self.next_check)
                 .iter()
@@ -250,6 +382,9 @@ impl Engine {
         let limit = free.clamp(16, self.config.claim_batch.max(16));
         let lease_ms = u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX);
         let claim = self.store.claim(partition, now, limit, lease_ms).await?;
+        let m = &metrics().scheduler;
+        m.steps_claimed.inc_by(claim.runs.len() as u64);
+        m.leases_expired.inc_by(claim.expired);
         if claim.expired > 0 {
             info!(
                 partition,
@@ -259,15 +394,19 @@ impl Engine {
         }
         let full_batch = claim.runs.len() >= limit;
         let mut settled = Vec::new();
+        let mut ready = Vec::new();
         for run in claim.runs {
             match self.decide(run, now).await {
-                Decision::Settle(completion) => settled.push(completion),
-                Decision::Deliver(delivery) => {
-                    let (in_flight, task) = *delivery;
-                    if let Some(completion) = self.deliver(in_flight, task, now) {
-                        settled.push(completion);
-                    }
-                }
+                Decision::Settle(completion) => settled.push(*completion),
+                Decision::Deliver(delivery) => ready.push(*delivery),
+            }
+        }
+        let ready = self
+            .spend_budget(partition, ready, now, &mut settled)
+            .await?;
+        for (in_flight, task) in self.rate_limit(ready, now, &mut settled).await? {
+            if let Some(completion) = self.deliver(in_flight, task, now) {
+                settled.push(completion);
             }
         }
         let mut next = [claim.next_due_ms, claim.next_lease_ms]
@@ -286,16 +425,18 @@ impl Engine {
     }
 
     async fn decide(&self, run: ClaimedRun, now: i64) -> Decision {
-        let settle = |op: Op, detail: String, entry: Option<TimelineEntry>| {
-            Decision::Settle(Completion {
+        let index = run.step_index;
+        let settle = |op: Op, detail: String, entry: Option<TimelineEntry>, stat: Option<Stat>| {
+            Decision::Settle(Box::new(Completion {
                 run_id: run.run_id.clone(),
                 fence: run.fence,
                 op,
                 detail,
                 entry,
-            })
+                stat,
+                unwait: false,
+            }))
         };
-        let index = run.step_index;
         let playbook = match self
             .playbooks
             .get(&self.store, &run.playbook, run.version)
@@ -310,18 +451,23 @@ impl Engine {
                     due_ms: now + 1000,
                     attempt: run.attempt,
                 };
-                return settle(op, format!("loading the playbook failed: {err}"), None);
+                return settle(
+                    op,
+                    format!("loading the playbook failed: {err}"),
+                    None,
+                    None,
+                );
             }
             Err(err) => {
                 warn!(run_id = %run.run_id, error = %err, "cannot load the run's playbook");
                 let status = RunStatus::Failed;
-                return settle(Op::Finish { index, status }, err.to_string(), None);
+                return settle(Op::Finish { index, status }, err.to_string(), None, None);
             }
         };
         let entry = |outcome, detail: &str| TimelineEntry {
             index,
             outcome,
-            attempts: run.attempt,
+            attempts: 0,
             due_ms: run.due_ms,
             done_ms: now,
             worker: String::new(),
@@ -333,21 +479,121 @@ impl Engine {
                 index,
                 status: RunStatus::Failed,
             };
-            let failed = entry(StepOutcome::Failed, &detail);
-            settle(op, detail, Some(failed))
+            let failed = TimelineEntry {
+                attempts: run.attempt,
+                ..entry(StepOutcome::Failed, &detail)
+            };
+            settle(op, detail, Some(failed), Some(Stat::Failed))
         };
-        let Some(step) = playbook.playbook.steps.get(index) else {
+        let pb = &playbook.playbook;
+        let Some(step) = pb.steps.get(index) else {
             let status = RunStatus::Completed;
-            return settle(Op::Finish { index, status }, String::new(), None);
+            return settle(Op::Finish { index, status }, String::new(), None, None);
+        };
+        if self.is_paused(&run.playbook) {
+            lock(&self.parked).insert(run.playbook.clone());
+            let op = Op::Park { due_ms: run.due_ms };
+            return settle(
+                op,
+                "paused: waits for the playbook to be resumed".to_owned(),
+                None,
+                None,
+            );
+        }
+        let ctx = TemplateContext {
+            contact: &run.contact,
+            params: step_params(step),
+            // No event: an empty one, so `event.attrs.x` renders empty rather than failing.
+            event: run
+                .trigger
+                .as_deref()
+                .and_then(|json| serde_json::from_str(json).ok())
+                .unwrap_or_else(|| serde_json::json!({"name": "", "attrs": {}})),
+        };
+        let done = |detail: &str| {
+            let op = advance(pb, pb.after(index), now);
+            settle(
+                op,
+                String::new(),
+                Some(entry(StepOutcome::Done, detail)),
+                Some(Stat::Done),
+            )
         };
         let action = match &step.kind {
-            StepKind::Wait { .. } => {
-                let op = advance(&playbook.playbook, index + 1, now);
-                let waited = TimelineEntry {
-                    attempts: 0,
-                    ..entry(StepOutcome::Done, "")
+            StepKind::Wait { .. } => return done(""),
+            StepKind::WaitUntil { hour, minute } => {
+                if run.waiting_step == Some(index) {
+                    return done("");
+                }
+                let tz = self.policy().tz_of(&run.contact.tz);
+                let due_ms = localtime::next_local_time(tz, now, *hour, *minute);
+                let detail = format!("until {hour:02}:{minute:02} {tz}");
+                return settle(Op::Hold { due_ms, wait: None }, detail, None, None);
+            }
+            StepKind::WaitFor(wait_for) => {
+                let target = |jump: Option<usize>| jump.unwrap_or(index + 1);
+                if run.waiting_step == Some(index) {
+                    let op = advance(pb, target(wait_for.on_timeout), now);
+                    let detail = format!(
+                        "timed out: no {} within {}",
+                        wait_for.event,
+                        humantime::format_duration(wait_for.timeout)
+                    );
+                    let timed_out = entry(StepOutcome::Done, &detail);
+                    return Decision::Settle(Box::new(Completion {
+                        run_id: run.run_id.clone(),
+                        fence: run.fence,
+                        op,
+                        detail: String::new(),
+                        entry: Some(timed_out),
+                        stat: Some(Stat::TimedOut),
+                        unwait: true,
+                    }));
+                }
+                let then = match advance(pb, target(wait_for.on_event), now) {
+                    Op::Next { index, due_ms } => AfterEvent::Step {
+                        index,
+                        delay_ms: due_ms - now,
+                    },
+                    _ => AfterEvent::Complete {
+                        index: pb.steps.len(),
+                    },
                 };
-                return settle(op, String::new(), Some(waited));
+                let wait = WaitRegistration {
+                    event: wait_for.event.clone(),
+                    then,
+                    matched_entry: entry(
+                        StepOutcome::Done,
+                        &format!("{} arrived (just before the wait began)", wait_for.event),
+                    ),
+                };
+                let op = Op::Hold {
+                    due_ms: now + millis(wait_for.timeout),
+                    wait: Some(wait),
+                };
+                return settle(op, format!("waiting for {}", wait_for.event), None, None);
+            }
+            StepKind::Exit { .. } => {
+                return match playbook.compiled.condition_holds(index, &ctx) {
+                    Ok(true) => {
+                        let op = Op::Finish {
+                            index,
+                            status: RunStatus::Completed,
+                        };
+                        settle(
+                            op,
+                            String::new(),
+                            Some(entry(StepOutcome::Done, "exit")),
+                            Some(Stat::Done),
+                        )
+                    }
+                    Ok(false) => {
+                        let op = advance(pb, index + 1, now);
+                        let skipped = entry(StepOutcome::Skipped, "if was false");
+                        settle(op, String::new(), Some(skipped), Some(Stat::Skipped))
+                    }
+                    Err(err) => fail(format!("if: {err}")),
+                };
             }
             StepKind::Action(action) => action,
         };
@@ -360,24 +606,56 @@ impl Engine {
                 policy.max_attempts
             ));
         }
-        let ctx = TemplateContext {
-            contact: &run.contact,
-            params: &action.params,
-        };
         match playbook.compiled.condition_holds(index, &ctx) {
             Ok(true) => {}
             Ok(false) => {
-                let op = advance(&playbook.playbook, index + 1, now);
-                let skipped = TimelineEntry {
-                    attempts: 0,
-                    ..entry(StepOutcome::Skipped, "if was false")
-                };
-                return settle(op, String::new(), Some(skipped));
+                let op = advance(pb, index + 1, now);
+                let skipped = entry(StepOutcome::Skipped, "if was false");
+                return settle(op, String::new(), Some(skipped), Some(Stat::Skipped));
             }
             Err(err) => return fail(format!("if: {err}")),
         }
+        let step_deadline_ms = action
+            .deadline
+            .map(|deadline| run.created_ms + millis(deadline));
+        if step_deadline_ms.is_some_and(|deadline| now >= deadline) {
+            let op = advance(pb, index + 1, now);
+            let skipped = entry(StepOutcome::Skipped, "deadline passed before delivery");
+            return settle(op, String::new(), Some(skipped), Some(Stat::Skipped));
+        }
+        if !action.transactional {
+            let budget = self.policy();
+            let tz = budget.tz_of(&run.contact.tz);
+            if let Some(until) = budget.quiet_until(tz, now) {
+                let detail = format!("quiet hours in {tz} until {}", local_time(tz, until));
+                return match action.on_quiet_hours {
+                    Hold::Defer => {
+                        let op = Op::Retry {
+                            index,
+                            due_ms: until,
+                            attempt: run.attempt,
+                        };
+                        settle(
+                            op,
+                            format!("deferred: {detail}"),
+                            None,
+                            Some(Stat::Deferred),
+                        )
+                    }
+                    Hold::Skip => {
+                        let op = advance(pb, index + 1, now);
+                        let skipped = entry(StepOutcome::Skipped, &detail);
+                        settle(op, String::new(), Some(skipped), Some(Stat::Skipped))
+                    }
+                };
+            }
+        }
         let message = match playbook.compiled.render(index, &ctx) {
             Ok(message) => message.unwrap_or_default(),
+            Err(err) => return fail(format!("template: {err}")),
+        };
+        let params = match playbook.compiled.render_params(index, &action.params, &ctx) {
+            Ok(params) => params,
             Err(err) => return fail(format!("template: {err}")),
         };
         let task = build_task(
@@ -385,7 +663,9 @@ impl Engine {
             &step.id,
             action,
             message,
+            params,
             now + millis(self.config.lease),
+            step_deadline_ms.unwrap_or(0),
         );
         let in_flight = InFlight {
             connection: DETACHED,
@@ -397,9 +677,289 @@ impl Engine {
             attempt: run.attempt,
             due_ms: run.due_ms,
             channel: action.channel.clone(),
-            playbook,
+            playbook: Arc::clone(&playbook),
+            span: Span::none(),
         };
         Decision::Deliver(Box::new((in_flight, task)))
+    }
+
+    /// Checks and counts the sends of one claim batch against the contact budget's
+    /// caps (one script call): returns the sends that may go; capped ones are settled
+    /// (skipped or deferred, as their step says) into `settled`.
+    async fn spend_budget(
+        &self,
+        partition: u16,
+        ready: Vec<(InFlight, v1::Task)>,
+        now: i64,
+        settled: &mut Vec<Completion>,
+    ) -> crate::store::Result<Vec<(InFlight, v1::Task)>> {
+        let budget = self.policy();
+        let mut checked = Vec::new();
+        let mut sends = Vec::new();
+        let mut free = Vec::new();
+        for (in_flight, task) in ready {
+            let (transactional, on_cap) =
+                match in_flight.playbook.playbook.steps.get(in_flight.step_index) {
+                    Some(Step {
+                        kind: StepKind::Action(action),
+                        ..
+                    }) => (action.transactional, action.on_cap),
+                    _ => (true, Hold::Skip),
+                };
+            let caps: Vec<&policy::Cap> = budget
+                .caps_for(&in_flight.channel)
+                .map(|(_, c)| c)
+                .collect();
+            if transactional || caps.is_empty() {
+                free.push((in_flight, task));
+                continue;
+            }
+            let tz = budget.tz_of(task.contact.as_ref().map_or("", |c| c.tz.as_str()));
+            sends.push(Send {
+                member: task.idempotency_key.clone(),
+                contact_id: task
+                    .contact
+                    .as_ref()
+                    .map(|c| c.id.clone())
+                    .unwrap_or_default(),
+                caps: caps
+                    .iter()
+                    .map(|cap| CapCheck {
+                        channel: cap.channel.clone(),
+                        window_start_ms: cap.window_start(tz, now),
+                        max: cap.max,
+                        keep_ms: cap.keep_ms(),
+                    })
+                    .collect(),
+            });
+            checked.push((in_flight, task, caps, tz, on_cap));
+        }
+        if sends.is_empty() {
+            return Ok(free);
+        }
+        let answers = self.store.spend(partition, now, &sends).await?;
+        for ((in_flight, task, caps, tz, on_cap), answer) in checked.into_iter().zip(answers) {
+            let Spent::Refused { cap, oldest_ms } = answer else {
+                free.push((in_flight, task));
+                continue;
+            };
+            let Some(cap) = caps.get(cap) else { continue };
+            let detail = format!("capped: {}", cap.describe());
+            let index = in_flight.step_index;
+            let (op, entry, stat) = match on_cap {
+                Hold::Skip => {
+                    let entry = TimelineEntry {
+                        index,
+                        outcome: StepOutcome::Skipped,
+                        attempts: 0,
+                        due_ms: in_flight.due_ms,
+                        done_ms: now,
+                        worker: String::new(),
+                        channel: in_flight.channel.clone(),
+                        detail: detail.clone(),
+                    };
+                    let next = advance(&in_flight.playbook.playbook, index + 1, now);
+                    (next, Some(entry), Stat::Capped)
+                }
+                Hold::Defer => {
+                    let due_ms = policy::room_at(cap, tz, now, oldest_ms).max(now + 1000);
+                    let op = Op::Retry {
+                        index,
+                        due_ms,
+                        attempt: in_flight.attempt,
+                    };
+                    (op, None, Stat::Deferred)
+                }
+            };
+            settled.push(Completion {
+                run_id: task.run_id,
+                fence: in_flight.fence,
+                op,
+                detail: match on_cap {
+                    Hold::Skip => String::new(),
+                    Hold::Defer => format!("deferred: {detail}"),
+                },
+                entry,
+                stat: Some(stat),
+                unwait: false,
+            });
+        }
+        Ok(free)
+    }
+
+    /// Takes rate-limit tokens for the sends of one claim batch: one `rate_take.lua` call
+    /// per channel that has a rate (or a penalty this scheduler knows of), none for the
+    /// others. Returns the sends that may go; the rest go back to due, each when its
+    /// token should be there, at the same attempt, into `settled`.
+    async fn rate_limit(
+        &self,
+        ready: Vec<(InFlight, v1::Task)>,
+        now: i64,
+        settled: &mut Vec<Completion>,
+    ) -> crate::store::Result<Vec<(InFlight, v1::Task)>> {
+        let mut free = Vec::new();
+        // (channel, its rate, its sends), in the order the channels first came.
+        let mut limited: Vec<(String, Option<Rate>, Vec<Ready>)> = Vec::new();
+        {
+            let mut penalized = lock(&self.penalized);
+            penalized.retain(|_, until| *until > now);
+            let mut rates: HashMap<String, Option<Rate>> = HashMap::new();
+            for (in_flight, task) in ready {
+                let rate = *rates
+                    .entry(in_flight.channel.clone())
+                    .or_insert_with(|| self.workers.channel_rate(&in_flight.channel));
+                if rate.is_none() && !penalized.contains_key(&in_flight.channel) {
+                    free.push((in_flight, task));
+                    continue;
+                }
+                match limited.iter_mut().find(|(c, ..)| *c == in_flight.channel) {
+                    Some((.., sends)) => sends.push((in_flight, task)),
+                    None => {
+                        limited.push((in_flight.channel.clone(), rate, vec![(in_flight, task)]))
+                    }
+                }
+            }
+        }
+        if limited.is_empty() {
+            return Ok(free);
+        }
+        let takes = limited
+            .iter()
+            .map(|(channel, rate, sends)| self.store.rate_take(channel, *rate, sends.len(), None));
+        let taken = futures::future::join_all(takes).await;
+        for ((channel, _, sends), taken) in limited.into_iter().zip(taken) {
+            let taken = taken?;
+            let mut waiting = 0_i64;
+            for (k, (in_flight, task)) in sends.into_iter().enumerate() {
+                if k < taken.granted {
+                    free.push((in_flight, task));
+                    continue;
+                }
+                // Spread the held-back sends over the times their tokens come, so they
+                // are not all claimed (and held back) again at the next token.
+                let due_ms = now + taken.wait_ms.max(1) + waiting * taken.per_token_ms;
+                waiting += 1;
+                settled.push(Completion {
+                    run_id: task.run_id,
+                    fence: in_flight.fence,
+                    op: Op::Retry {
+                        index: in_flight.step_index,
+                        due_ms,
+                        attempt: in_flight.attempt,
+                    },
+                    detail: format!("{RATE_LIMITED}{channel}"),
+                    entry: None,
+                    stat: None,
+                    unwait: false,
+                });
+            }
+            if waiting > 0 {
+                metrics()
+                    .scheduler
+                    .rate_limit_waits
+                    .get_or_create(&ChannelLabels {
+                        channel: channel.clone(),
+                    })
+                    .inc_by(u64::try_from(waiting).unwrap_or(0));
+                debug!(channel = %channel, granted = taken.granted, held_back = waiting, wait_ms = taken.wait_ms, "rate limited");
+            }
+        }
+        Ok(free)
+    }
+
+    /// A provider asked to slow down on `channel` (HTTP 429, WeCom 45009): the channel is
+    /// held back for every scheduler for its `Retry-After` (at least 1 s, at most 5 min),
+    /// then goes at half its rate for a minute.
+    fn on_rate_limited(self: &Arc<Self>, channel: String, retry_after_ms: u64) {
+        let block_ms = penalty_ms(retry_after_ms);
+        let engine = Arc::clone(self);
+        tokio::spawn(async move { engine.penalize(channel, block_ms).await });
+    }
+
+    async fn penalize(&self, channel: String, block_ms: i64) {
+        // Known before the write lands, so the next batch already asks the bucket.
+        let now = now_ms();
+        lock(&self.penalized)
+            .entry(channel.clone())
+            .and_modify(|until| *until = (*until).max(now + block_ms))
+            .or_insert(now + block_ms);
+        match self
+            .store
+            .rate_penalize(&channel, block_ms, PENALTY_HALVED_MS, None)
+            .await
+        {
+            Ok(remaining) => {
+                let until = now_ms() + remaining;
+                let mut penalized = lock(&self.penalized);
+                let slot = penalized.entry(channel.clone()).or_insert(until);
+                *slot = (*slot).max(until);
+                info!(channel = %channel, hold_ms = remaining, "the provider asked to slow down; the channel is held back for every worker");
+            }
+            Err(err) => {
+                warn!(channel = %channel, error = %err, "recording a provider's rate limit failed; only this scheduler holds the channel back");
+            }
+        }
+    }
+
+    /// A worker's progress on a step it holds: `detail` becomes the run's detail and
+    /// `state` the step's resume state (handed to its next attempt), recorded only under
+    /// the current fencing token (checked again in `progress.lua`, atomically). A report
+    /// on a run this scheduler has no record of goes to Redis as it is: the token decides.
+    pub(crate) fn on_progress(
+        self: &Arc<Self>,
+        connection: ConnectionId,
+        progress: v1::TaskProgress,
+    ) {
+        let partition = {
+            let map = lock(&self.in_flight);
+            match map.get(&progress.run_id) {
+                Some(f) if f.fence == progress.fencing_token && f.connection == connection => {
+                    Some(f.partition)
+                }
+                None if !self.draining.load(Ordering::SeqCst) => {
+                    partition_of_run(&progress.run_id, self.store.partitions())
+                }
+                _ => None,
+            }
+        };
+        let Some(partition) = partition else {
+            debug!(run_id = %progress.run_id, "progress on a task this connection does not hold; ignored");
+            return;
+        };
+        let v1::TaskProgress {
+            run_id,
+            fencing_token,
+            mut detail,
+            mut state,
+        } = progress;
+        if state.len() > MAX_RESUME_STATE {
+            warn!(run_id = %run_id, bytes = state.len(), max = MAX_RESUME_STATE, "resume state too large; not kept");
+            state.clear();
+        }
+        if detail.len() > MAX_PROGRESS_DETAIL {
+            let mut end = MAX_PROGRESS_DETAIL;
+            while !detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            detail.truncate(end);
+        }
+        if detail.is_empty() && state.is_empty() {
+            return;
+        }
+        let engine = Arc::clone(self);
+        tokio::spawn(async move {
+            let recorded = engine
+                .store
+                .progress(partition, now_ms(), &run_id, fencing_token, &detail, &state)
+                .await;
+            match recorded {
+                Ok(true) => debug!(run_id = %run_id, "progress recorded"),
+                Ok(false) => {
+                    debug!(run_id = %run_id, "progress under an expired or superseded lease; ignored");
+                }
+                Err(err) => warn!(run_id = %run_id, error = %err, "recording progress failed"),
+            }
+        });
     }
 
     /// Hands a task to a worker, or returns the completion that puts it back in due.
@@ -414,6 +974,8 @@ impl Engine {
             },
             detail,
             entry: None,
+            stat: None,
+            unwait: false,
         };
         if self.draining.load(Ordering::SeqCst) {
             return Some(hold_back("the scheduler is stopping".to_owned(), 0));
@@ -435,8 +997,27 @@ impl Engine {
         };
         in_flight.connection = connection;
         in_flight.worker_id = worker_id;
+        let mut task = task;
+        in_flight.span = dispatch_span(&task);
+        // The task carried the run's traceparent; the worker continues the dispatch span.
+        task.traceparent = continue_trace(&in_flight.span, &task.traceparent);
+        let m = &metrics().scheduler;
+        let step = StepLabels {
+            playbook: task.playbook.clone(),
+            step: task.step_id.clone(),
+            channel: task.channel.clone(),
+        };
+        m.steps_dispatched.get_or_create(&step).inc();
+        m.timer_lag
+            .get_or_create(&ChannelLabels {
+                channel: task.channel.clone(),
+            })
+            .observe(
+                Duration::from_millis(u64::try_from(now - in_flight.due_ms).unwrap_or(0))
+                    .as_secs_f64(),
+            );
         let run_id = task.run_id.clone();
-        debug!(run_id = %run_id, step = %task.step_id, channel = %task.channel, attempt = task.attempt, "dispatching");
+        debug!(parent: &in_flight.span, run_id = %run_id, step = %task.step_id, channel = %task.channel, attempt = task.attempt, "dispatching");
         let message = SchedulerMessage {
             kind: Some(scheduler_message::Kind::Task(task)),
         };
@@ -463,6 +1044,8 @@ impl Engine {
                 },
                 detail: "worker stream unavailable".to_owned(),
                 entry: None,
+                stat: None,
+                unwait: false,
             });
         }
         None
@@ -489,6 +1072,9 @@ impl Engine {
             return;
         };
         self.workers.release(connection);
+        if result.rate_limited {
+            self.on_rate_limited(in_flight.channel.clone(), result.retry_after_ms);
+        }
         self.finish_reported(in_flight, result);
     }
 
@@ -551,6 +1137,10 @@ impl Engine {
             return;
         };
         debug!(run_id = %result.run_id, worker = %worker_id, "result for a step handed out before a restart or by another scheduler; applying it under its fencing token");
+        if result.rate_limited {
+            let block_ms = penalty_ms(result.retry_after_ms);
+            self.penalize(action.channel.clone(), block_ms).await;
+        }
         let in_flight = InFlight {
             connection: DETACHED,
             worker_id,
@@ -562,6 +1152,7 @@ impl Engine {
             due_ms: run.due_ms,
             channel: action.channel.clone(),
             playbook: Arc::clone(&playbook),
+            span: Span::none(),
         };
         self.finish_reported(in_flight, result);
     }
@@ -681,6 +1272,8 @@ impl Engine {
                 },
                 detail: "handed back when the scheduler stopped".to_owned(),
                 entry: None,
+                stat: None,
+                unwait: false,
             };
             let _ = self.completions.send((f.partition, completion));
         }
@@ -781,7 +1374,11 @@ impl Engine {
         };
         let (op, entry) = match outcome {
             Outcome::Ok => (
-                advance(&f.playbook.playbook, f.step_index + 1, now),
+                advance(
+                    &f.playbook.playbook,
+                    f.playbook.playbook.after(f.step_index),
+                    now,
+                ),
                 Some(entry(StepOutcome::Done, detail.clone())),
             ),
             Outcome::Retryable if f.attempt < policy.max_attempts => {
@@ -794,15 +1391,55 @@ impl Engine {
                 (op, None)
             }
             Outcome::Retryable => failed(format!("gave up after {} attempts: {detail}", f.attempt)),
+            Outcome::Skipped => (
+                advance(&f.playbook.playbook, f.step_index + 1, now),
+                Some(entry(StepOutcome::Skipped, detail.clone())),
+            ),
             Outcome::Permanent | Outcome::Unspecified => failed(detail.clone()),
         };
         debug!(run_id = %run_id, step = f.step_index, channel = %f.channel, attempt = f.attempt, outcome = outcome.as_str_name(), "step attempt finished");
+        let stat = match &op {
+            Op::Finish {
+                status: RunStatus::Failed,
+                ..
+            } => Some(Stat::Failed),
+            Op::Retry { .. } => None,
+            _ if outcome == Outcome::Skipped => Some(Stat::Skipped),
+            _ => Some(Stat::Done),
+        };
+        let counted = match (&op, stat) {
+            (Op::Retry { .. }, _) => "retried",
+            (_, Some(Stat::Failed)) => "failed",
+            (_, Some(Stat::Skipped)) => "skipped",
+            _ => "delivered",
+        };
+        f.span.record("touchpoint.outcome", counted);
+        let labels = |outcome| OutcomeLabels {
+            playbook: f.playbook.playbook.name.clone(),
+            step: f
+                .playbook
+                .playbook
+                .steps
+                .get(f.step_index)
+                .map(|s| s.id.clone())
+                .unwrap_or_default(),
+            channel: f.channel.clone(),
+            outcome,
+        };
+        let outcomes = &metrics().scheduler.step_outcomes;
+        outcomes.get_or_create(&labels(counted)).inc();
+        if counted == "failed" {
+            // A run whose step fails for good is dead-lettered.
+            outcomes.get_or_create(&labels("dead_lettered")).inc();
+        }
         let completion = Completion {
             run_id,
             fence: f.fence,
             op,
             detail: format!("attempt {}: {detail}", f.attempt),
             entry,
+            stat,
+            unwait: false,
         };
         // The receiver only goes away at shutdown, when leases take over.
         let _ = self.completions.send((f.partition, completion));
@@ -862,12 +1499,15 @@ impl Engine {
                         warn!(partition, error = %err, count = completions.len(), "recording outcomes failed at shutdown; their steps go out again when the leases expire");
                     }
                     Err(err) => {
-                        if unrecorded.is_empty() {
-                            warn!(partition, error = %err, count = completions.len(), "recording outcomes failed; retrying every 500 ms");
+                        if !self.outcomes_pending.swap(true, Ordering::AcqRel) {
+                            warn!(partition, error = %err, count = completions.len(), "recording outcomes failed; claims hold off and recording retries every 500 ms");
                         }
                         unrecorded.extend(completions.into_iter().map(|c| (partition, c)));
                     }
                 }
+            }
+            if unrecorded.is_empty() {
+                self.outcomes_pending.store(false, Ordering::Release);
             }
             if stopping {
                 return;
@@ -876,10 +1516,39 @@ impl Engine {
     }
 }
 
+/// The span of one attempt's hand-out, with the run's attributes (never the contact's).
+fn dispatch_span(task: &v1::Task) -> Span {
+    info_span!(
+        "dispatch",
+        otel.name = %format!("send {}", task.channel),
+        otel.kind = "producer",
+        messaging.system = "touchpoint",
+        messaging.operation.type = "send",
+        messaging.destination.name = %task.channel,
+        touchpoint.playbook = %task.playbook,
+        touchpoint.version = task.version,
+        touchpoint.step = %task.step_id,
+        touchpoint.channel = %task.channel,
+        touchpoint.attempt = task.attempt,
+        touchpoint.run_id = %task.run_id,
+        touchpoint.outcome = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+    )
+}
+
 /// Forgets detached steps whose leases ran out: the claim script hands them out again,
 /// and a late result of theirs is looked up like any other unknown one.
 fn forget_expired(map: &mut HashMap<String, InFlight>, now: i64) {
     map.retain(|_, f| f.connection != DETACHED || f.lease_deadline_ms > now);
+}
+
+/// How long a provider's "too many requests" holds its channel back: its `Retry-After`,
+/// at least 1 s and at most 5 min.
+fn penalty_ms(retry_after_ms: u64) -> i64 {
+    i64::try_from(retry_after_ms)
+        .unwrap_or(i64::MAX)
+        .clamp(PENALTY_MIN_MS, PENALTY_MAX_MS)
 }
 
 /// The op that moves a run to step `index` (or ends it, completed).
@@ -898,6 +1567,27 @@ fn advance(playbook: &Playbook, index: usize, now: i64) -> Op {
 struct TemplateContext<'a> {
     contact: &'a ContactRecord,
     params: &'a serde_json::Map<String, serde_json::Value>,
+    /// The event that started or last woke the run (`null` when none).
+    event: serde_json::Value,
+}
+
+/// `2026-11-23 08:00` in `tz`.
+fn local_time(tz: chrono_tz::Tz, ms: i64) -> String {
+    use chrono::TimeZone;
+    tz.timestamp_millis_opt(ms)
+        .single()
+        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_default()
+}
+
+/// The params of an action step (none for other steps).
+fn step_params(step: &Step) -> &serde_json::Map<String, serde_json::Value> {
+    static NONE: std::sync::LazyLock<serde_json::Map<String, serde_json::Value>> =
+        std::sync::LazyLock::new(serde_json::Map::new);
+    match &step.kind {
+        StepKind::Action(action) => &action.params,
+        _ => &NONE,
+    }
 }
 
 fn build_task(
@@ -905,7 +1595,9 @@ fn build_task(
     step_id: &str,
     action: &Action,
     message: String,
+    params: serde_json::Map<String, serde_json::Value>,
     deadline_ms: i64,
+    step_deadline_ms: i64,
 ) -> v1::Task {
     let contact = &run.contact;
     v1::Task {
@@ -918,7 +1610,7 @@ fn build_task(
         channel: action.channel.clone(),
         attempt: run.attempt,
         message,
-        params_json: serde_json::Value::Object(action.params.clone()).to_string(),
+        params_json: serde_json::Value::Object(params).to_string(),
         contact: Some(v1::Contact {
             id: contact.id.clone(),
             attrs: contact.attrs.clone().into_iter().collect(),
@@ -927,7 +1619,10 @@ fn build_task(
             identities: contact.identities.clone().into_iter().collect(),
         }),
         idempotency_key: idempotency_key(&run.run_id, step_id),
-        traceparent: trace::child_of(&run.traceparent),
+        // Replaced by the dispatch span's when the task is handed out.
+        traceparent: run.traceparent.clone(),
         deadline_ms,
+        step_deadline_ms,
+        resume_state: run.resume_state.clone(),
     }
 }

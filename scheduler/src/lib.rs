@@ -14,14 +14,19 @@
 
 mod api;
 pub mod auth;
+pub mod campaigns;
 mod clock;
 mod engine;
+pub mod enrollment;
+pub mod localtime;
+mod observe;
 pub mod playbook;
 mod playbook_cache;
+pub mod policy;
 pub mod run;
+pub mod schedule;
 pub mod store;
 mod tls;
-mod trace;
 mod workers;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -32,18 +37,24 @@ use tokio_util::sync::CancellationToken;
 use touchpoint_proto::{
     MAX_MESSAGE_BYTES,
     v1::{
+        contact_service_server::ContactServiceServer,
         dead_letter_service_server::DeadLetterServiceServer,
         enrollment_service_server::EnrollmentServiceServer,
-        playbook_service_server::PlaybookServiceServer, run_service_server::RunServiceServer,
+        event_service_server::EventServiceServer, playbook_service_server::PlaybookServiceServer,
+        policy_service_server::PolicyServiceServer, run_service_server::RunServiceServer,
         worker_service_server::WorkerServiceServer,
     },
 };
 use tracing::info;
 
 use crate::{
-    api::{DeadLetterApi, EnrollmentApi, PlaybookApi, RunApi, WorkerApi},
+    api::{
+        ContactApi, DeadLetterApi, EnrollmentApi, EventApi, PlaybookApi, PolicyApi, RunApi,
+        WorkerApi,
+    },
     auth::{AuthLayer, Policy, Tokens},
     engine::{Engine, EngineConfig},
+    enrollment::Enroller,
     playbook_cache::PlaybookCache,
     store::Store,
 };
@@ -52,6 +63,9 @@ use crate::{
 #[derive(clap::Parser, Debug, Clone)]
 #[command(name = "touchpoint-scheduler", version, about)]
 pub struct SchedulerArgs {
+    /// Logs and metrics.
+    #[command(flatten)]
+    pub telemetry: touchpoint_proto::telemetry::TelemetryArgs,
     /// Redis holding all state.
     #[arg(
         long,
@@ -77,6 +91,10 @@ pub struct SchedulerArgs {
     /// How often an idle partition is checked for steps scheduled by other schedulers.
     #[arg(long, env = "TOUCHPOINT_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub poll_interval: Duration,
+    /// How long a contact's events are remembered for a `wait_for` that begins just after
+    /// them (an order placed while the step before the wait was still going out).
+    #[arg(long, env = "TOUCHPOINT_EVENT_LOOKBACK", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub event_lookback: Duration,
     /// Most due steps claimed in one Redis call.
     #[arg(long, env = "TOUCHPOINT_CLAIM_BATCH", default_value_t = 256)]
     pub claim_batch: usize,
@@ -148,6 +166,16 @@ pub async fn run(
         stop.clone(),
     );
 
+    if args.telemetry.metrics_listen.is_some() {
+        observe::sample_backlog(store.clone(), stop.clone());
+    }
+    let campaigns = campaigns::start(
+        store.clone(),
+        Arc::clone(&playbooks),
+        scheduler_id.clone(),
+        stop.clone(),
+    );
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<PlaybookServiceServer<PlaybookApi>>()
@@ -156,6 +184,11 @@ pub async fn run(
         .set_serving::<EnrollmentServiceServer<EnrollmentApi>>()
         .await;
     health.set_serving::<RunServiceServer<RunApi>>().await;
+    health
+        .set_serving::<ContactServiceServer<ContactApi>>()
+        .await;
+    health.set_serving::<EventServiceServer<EventApi>>().await;
+    health.set_serving::<PolicyServiceServer<PolicyApi>>().await;
     health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
     health
         .set_serving::<DeadLetterServiceServer<DeadLetterApi>>()
@@ -183,19 +216,24 @@ pub async fn run(
     let stop_on_shutdown = stop.clone();
     let engine_on_shutdown = Arc::clone(&engine);
     let result = server
+        .layer(observe::ObserveLayer)
         .layer(AuthLayer::new(policy))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            PlaybookServiceServer::new(PlaybookApi::new(store.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            PlaybookServiceServer::new(PlaybookApi::new(
+                store.clone(),
+                Arc::clone(&playbooks),
+                Arc::clone(&engine),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             EnrollmentServiceServer::new(EnrollmentApi::new(
                 store.clone(),
                 Arc::clone(&playbooks),
-                Arc::clone(&engine),
+                Enroller::new(store.clone(), Arc::clone(&engine)),
             ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -206,10 +244,27 @@ pub async fn run(
         .add_service(
             DeadLetterServiceServer::new(DeadLetterApi::new(
                 store.clone(),
-                playbooks,
+                Arc::clone(&playbooks),
                 Arc::clone(&engine),
             ))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ContactServiceServer::new(ContactApi::new(store.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            EventServiceServer::new(EventApi::new(
+                store.clone(),
+                Arc::clone(&playbooks),
+                Arc::clone(&engine),
+                args.event_lookback,
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            PolicyServiceServer::new(PolicyApi::new(store.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             WorkerServiceServer::new(WorkerApi::new(Arc::clone(&engine)))
@@ -223,7 +278,11 @@ pub async fn run(
         })
         .await;
     stop.cancel();
-    if tokio::time::timeout(Duration::from_secs(5), engine.stopped())
+    let stopped = async {
+        engine.stopped().await;
+        let _ = campaigns.await;
+    };
+    if tokio::time::timeout(Duration::from_secs(5), stopped)
         .await
         .is_err()
     {
@@ -237,6 +296,10 @@ pub async fn run(
 
 /// What `main` does: binds `args.listen` and serves until SIGINT or SIGTERM.
 pub async fn main_with_args(args: SchedulerArgs) -> anyhow::Result<()> {
+    args.telemetry
+        .serve_metrics()
+        .await
+        .context("cannot serve metrics (--metrics-listen, TOUCHPOINT_METRICS_LISTEN)")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {

@@ -1,12 +1,13 @@
 //! Connected workers: which channels each serves, how many tasks it holds, and the
 //! sender of its stream. Tasks go to the least-loaded worker serving their channel, and
-//! never beyond the capacity it announced (credit-based flow control).
+//! never beyond the capacity it announced (credit-based flow control). Workers also
+//! announce their channels' rate limits; see [`Workers::channel_rate`].
 
 use std::{collections::HashMap, sync::Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::playbook::RetryOverrides;
+use crate::{playbook::RetryOverrides, store::Rate};
 use tonic::Status;
 use touchpoint_proto::v1::SchedulerMessage;
 
@@ -27,6 +28,8 @@ struct Worker {
     unresponsive: bool,
     /// Retry defaults it announced, by channel name.
     retry: HashMap<String, RetryOverrides>,
+    /// Rate limits it announced, by channel name.
+    rate: HashMap<String, Rate>,
     sender: WorkerSender,
 }
 
@@ -67,6 +70,9 @@ impl Workers {
         capacity: u32,
         sender: WorkerSender,
     ) -> ConnectionId {
+        for channel in &channels {
+            connected(channel).inc();
+        }
         let mut registry = self.registry();
         registry.next_id += 1;
         let id = registry.next_id;
@@ -79,6 +85,7 @@ impl Workers {
                 in_flight: 0,
                 unresponsive: false,
                 retry: HashMap::new(),
+                rate: HashMap::new(),
                 sender,
             },
         );
@@ -106,9 +113,40 @@ impl Workers {
             .unwrap_or_default()
     }
 
+    /// Records the rate limits a worker announced for its channels.
+    pub(crate) fn set_channel_rate(&self, connection: ConnectionId, rate: HashMap<String, Rate>) {
+        if let Some(worker) = self.registry().workers.get_mut(&connection) {
+            worker.rate = rate;
+        }
+    }
+
+    /// The rate limit of `channel`: the lowest rate and the lowest burst announced by
+    /// the connected workers (so a worker configured more strictly, e.g. for a smaller
+    /// provider quota, is honoured by all); `None` when none announced one. The limit
+    /// holds for the channel as a whole, over every worker and every scheduler.
+    pub(crate) fn channel_rate(&self, channel: &str) -> Option<Rate> {
+        self.registry()
+            .workers
+            .values()
+            .filter_map(|w| w.rate.get(channel))
+            .fold(None, |lowest: Option<Rate>, rate| {
+                Some(match lowest {
+                    None => *rate,
+                    Some(low) => Rate {
+                        per_second: low.per_second.min(rate.per_second),
+                        burst: low.burst.min(rate.burst),
+                    },
+                })
+            })
+    }
+
     /// Removes a worker whose stream ended.
     pub(crate) fn remove(&self, connection: ConnectionId) {
-        self.registry().workers.remove(&connection);
+        if let Some(worker) = self.registry().workers.remove(&connection) {
+            for channel in &worker.channels {
+                connected(channel).dec();
+            }
+        }
     }
 
     /// Reserves a slot on the least-loaded worker serving `channel`.
@@ -194,5 +232,45 @@ impl Workers {
             .filter(|w| !w.unresponsive)
             .map(|w| w.capacity.saturating_sub(w.in_flight))
             .sum()
+    }
+}
+
+/// The `workers_connected` gauge of `channel`.
+fn connected(channel: &str) -> touchpoint_proto::metrics::Gauge {
+    touchpoint_proto::metrics::metrics()
+        .scheduler
+        .workers_connected
+        .get_or_create_owned(&touchpoint_proto::metrics::ChannelLabels {
+            channel: channel.to_owned(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(per_second: f64, burst: u32) -> Rate {
+        Rate { per_second, burst }
+    }
+
+    #[test]
+    fn a_channels_rate_is_the_lowest_its_connected_workers_announced() {
+        let workers = Workers::default();
+        let register = |id: &str| {
+            let (sender, _) = mpsc::channel(1);
+            workers.register(id.to_owned(), vec!["sms".to_owned()], 4, sender)
+        };
+        let (a, b, c) = (register("a"), register("b"), register("c"));
+        assert_eq!(workers.channel_rate("sms"), None);
+        workers.set_channel_rate(a, HashMap::from([("sms".to_owned(), rate(10.0, 5))]));
+        workers.set_channel_rate(b, HashMap::from([("sms".to_owned(), rate(20.0, 2))]));
+        // c announces none: the others' limits still hold.
+        assert_eq!(workers.channel_rate("sms"), Some(rate(10.0, 2)));
+        assert_eq!(workers.channel_rate("wecom"), None);
+        workers.remove(a);
+        assert_eq!(workers.channel_rate("sms"), Some(rate(20.0, 2)));
+        workers.remove(b);
+        workers.remove(c);
+        assert_eq!(workers.channel_rate("sms"), None);
     }
 }

@@ -13,9 +13,11 @@ use tonic::{
 use touchpoint_proto::{
     security::{self, BearerToken},
     v1::{
-        self, GetRunRequest, Run, RunStatus, dead_letter_service_client::DeadLetterServiceClient,
+        self, GetRunRequest, Run, RunStatus, contact_service_client::ContactServiceClient,
+        dead_letter_service_client::DeadLetterServiceClient,
         enrollment_service_client::EnrollmentServiceClient,
-        playbook_service_client::PlaybookServiceClient, run_service_client::RunServiceClient,
+        event_service_client::EventServiceClient, playbook_service_client::PlaybookServiceClient,
+        policy_service_client::PolicyServiceClient, run_service_client::RunServiceClient,
         worker_service_client::WorkerServiceClient,
     },
 };
@@ -46,6 +48,9 @@ pub struct TouchpointClient {
     pub enrollments: EnrollmentServiceClient<Authorized>,
     pub runs: RunServiceClient<Authorized>,
     pub dead_letters: DeadLetterServiceClient<Authorized>,
+    pub contacts: ContactServiceClient<Authorized>,
+    pub events: EventServiceClient<Authorized>,
+    pub policy: PolicyServiceClient<Authorized>,
     /// The worker stream (for tests of who may attach).
     pub workers: WorkerServiceClient<Authorized>,
 }
@@ -103,6 +108,9 @@ impl TouchpointClient {
             enrollments: EnrollmentServiceClient::new(with(channel.clone())),
             runs: RunServiceClient::new(with(channel.clone())),
             dead_letters: DeadLetterServiceClient::new(with(channel.clone())),
+            contacts: ContactServiceClient::new(with(channel.clone())),
+            events: EventServiceClient::new(with(channel.clone())),
+            policy: PolicyServiceClient::new(with(channel.clone())),
             workers: WorkerServiceClient::new(with(channel)),
         })
     }

@@ -13,6 +13,11 @@
 //!   ([`TestTokens`]) for a scheduler, its workers and its clients;
 //! - [`WebhookReceiver`]: a real HTTP server recording every delivery, with scripted answers,
 //!   and [`verify_signature`], a Standard Webhooks verifier written independently of the worker;
+//! - [`OtlpReceiver`]: an in-process OpenTelemetry collector (OTLP gRPC and HTTP) keeping
+//!   every span the processes export;
+//! - [`SmsServer`] (Aliyun-compatible, verifying signatures, and a generic gateway),
+//!   [`SmtpServer`] (aiosmtpd with STARTTLS or implicit TLS) and [`PythonAdapter`] (an
+//!   external gRPC channel adapter in Python, from a venv [`python`] makes once);
 //! - [`eventually`]: polling instead of sleeping;
 //! - [`TcpProxy`]: a TCP proxy to cut and restore, a network failure between two processes;
 //! - [`Stack`]: all of the above for one test (Redis, receiver, scheduler, workers), and
@@ -25,24 +30,34 @@
 mod client;
 mod eventually;
 mod node;
+mod otlp;
 mod ports;
 mod process;
 mod proxy;
+pub mod python;
 mod receiver;
 mod redis_server;
 mod security;
 mod signature;
+pub mod sms_server;
+pub mod smtp_server;
 pub mod soak;
 mod stack;
+pub mod wecom_server;
 
 pub use client::{Authorized, Credentials, TouchpointClient, run_summary};
 pub use eventually::{eventually, eventually_some, stays};
 pub use node::{ChannelConfig, SchedulerNode, WorkerConfig, WorkerNode};
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use ports::free_port;
 pub use process::Process;
 pub use proxy::TcpProxy;
+pub use python::PythonAdapter;
 pub use receiver::{ReceivedRequest, Reply, WebhookReceiver};
 pub use redis_server::RedisServer;
 pub use security::{ClientOptions, ROLES, Security, TestPki, TestTokens, sha256_hex};
 pub use signature::{generate_secret, sign, verify_signature};
+pub use sms_server::SmsServer;
+pub use smtp_server::{SmtpServer, SmtpTls};
 pub use stack::{SECRET_ENV, Stack, contact, request_id, to_map, welcome_yaml};
+pub use wecom_server::{CallbackSender, WecomServer, generate_encoding_aes_key};

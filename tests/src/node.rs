@@ -20,6 +20,7 @@ const SCHEDULER_START_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct SchedulerNode {
     bin: PathBuf,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     port: u16,
     process: Process,
     security: Security,
@@ -36,6 +37,17 @@ impl SchedulerNode {
         Self::start_secured(bin, redis_url, extra, &Security::plaintext())
     }
 
+    /// [`SchedulerNode::start`] with extra environment `envs` (e.g. `OTEL_*`), kept for
+    /// [`SchedulerNode::restart`].
+    pub fn start_with_env(
+        bin: impl AsRef<Path>,
+        redis_url: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
+        Self::launch(bin.as_ref(), redis_url, extra, &Security::plaintext(), envs)
+    }
+
     /// [`SchedulerNode::start`] with TLS and tokens as `security` says; its
     /// [`SchedulerNode::client`] then connects over TLS as a `marketer`.
     pub fn start_secured(
@@ -43,6 +55,16 @@ impl SchedulerNode {
         redis_url: &str,
         extra: &[&str],
         security: &Security,
+    ) -> Self {
+        Self::launch(bin.as_ref(), redis_url, extra, security, &[])
+    }
+
+    fn launch(
+        bin: &Path,
+        redis_url: &str,
+        extra: &[&str],
+        security: &Security,
+        envs: &[(&str, &str)],
     ) -> Self {
         let port = free_port();
         let mut args = vec![
@@ -54,11 +76,15 @@ impl SchedulerNode {
         ];
         args.extend(security.scheduler_flags());
         args.extend(extra.iter().map(|&a| a.to_owned()));
-        let bin = bin.as_ref().to_path_buf();
-        let process = Process::spawn_named("scheduler", &bin, &args, &[]);
+        let bin = bin.to_path_buf();
+        let process = Process::spawn_named("scheduler", &bin, &args, envs);
         Self {
             bin,
             args,
+            envs: envs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             port,
             process,
             security: security.clone(),
@@ -122,7 +148,12 @@ impl SchedulerNode {
     /// Starts it again with the same flags and port (after [`SchedulerNode::kill9`]).
     pub fn restart(&mut self) {
         self.process.kill9();
-        self.process.respawn(&self.bin, &self.args, &[]);
+        let envs: Vec<(&str, &str)> = self
+            .envs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.process.respawn(&self.bin, &self.args, &envs);
     }
 
     /// Whether the process is running.
@@ -247,9 +278,26 @@ pub enum ChannelConfig {
         secret_env: Option<String>,
         /// e.g. `"30s"`.
         timeout: String,
+        /// `rate = "10/s"` (the provider's quota), when set.
+        rate: Option<String>,
+        /// `burst = 1`, when set.
+        burst: Option<u32>,
     },
     /// `kind = "log"`.
     Log { name: String },
+    /// `kind = "wecom"`, with its settings as written (`corp_id`, `secret_env`,
+    /// `base_url`, `callback_listen`, ...), in order.
+    Wecom {
+        name: String,
+        settings: Vec<(String, String)>,
+    },
+    /// Any other kind (`sms`, `smtp`, `grpc`, ...), its settings written as given: TOML
+    /// lines such as `port = 2525` or `fields = { to = "{phone}" }`.
+    Raw {
+        name: String,
+        kind: String,
+        toml: String,
+    },
 }
 
 impl ChannelConfig {
@@ -260,13 +308,49 @@ impl ChannelConfig {
             url: url.to_owned(),
             secret_env: Some(secret_env.to_owned()),
             timeout: "30s".to_owned(),
+            rate: None,
+            burst: None,
         }
+    }
+
+    /// The same channel with `rate = <rate>` (e.g. `"10/s"`) and, when given, `burst`
+    /// (a log channel takes neither).
+    #[must_use]
+    pub fn with_rate(mut self, rate: &str, burst: Option<u32>) -> Self {
+        if let Self::Webhook {
+            rate: r, burst: b, ..
+        } = &mut self
+        {
+            *r = Some(rate.to_owned());
+            *b = burst;
+        }
+        self
     }
 
     /// A log channel.
     pub fn log(name: &str) -> Self {
         Self::Log {
             name: name.to_owned(),
+        }
+    }
+
+    /// A channel of `kind` whose settings are the TOML lines `toml`.
+    pub fn raw(name: &str, kind: &str, toml: &str) -> Self {
+        Self::Raw {
+            name: name.to_owned(),
+            kind: kind.to_owned(),
+            toml: toml.to_owned(),
+        }
+    }
+
+    /// A wecom channel with `settings` (string values), e.g. `[("corp_id", "ww1")]`.
+    pub fn wecom(name: &str, settings: &[(&str, &str)]) -> Self {
+        Self::Wecom {
+            name: name.to_owned(),
+            settings: settings
+                .iter()
+                .map(|&(key, value)| (key.to_owned(), value.to_owned()))
+                .collect(),
         }
     }
 }
@@ -315,6 +399,8 @@ impl WorkerConfig {
                     url,
                     secret_env,
                     timeout,
+                    rate,
+                    burst,
                 } => {
                     out.push_str(&format!("name = {}\nkind = \"webhook\"\n", toml_str(name)));
                     out.push_str(&format!("url = {}\n", toml_str(url)));
@@ -322,9 +408,29 @@ impl WorkerConfig {
                         out.push_str(&format!("secret_env = {}\n", toml_str(env)));
                     }
                     out.push_str(&format!("timeout = {}\n", toml_str(timeout)));
+                    if let Some(rate) = rate {
+                        out.push_str(&format!("rate = {}\n", toml_str(rate)));
+                    }
+                    if let Some(burst) = burst {
+                        out.push_str(&format!("burst = {burst}\n"));
+                    }
                 }
                 ChannelConfig::Log { name } => {
                     out.push_str(&format!("name = {}\nkind = \"log\"\n", toml_str(name)));
+                }
+                ChannelConfig::Raw { name, kind, toml } => {
+                    out.push_str(&format!(
+                        "name = {}\nkind = {}\n{}\n",
+                        toml_str(name),
+                        toml_str(kind),
+                        toml.trim_end()
+                    ));
+                }
+                ChannelConfig::Wecom { name, settings } => {
+                    out.push_str(&format!("name = {}\nkind = \"wecom\"\n", toml_str(name)));
+                    for (key, value) in settings {
+                        out.push_str(&format!("{key} = {}\n", toml_str(value)));
+                    }
                 }
             }
         }

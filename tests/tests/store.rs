@@ -5,8 +5,9 @@
 use std::collections::HashSet;
 
 use touchpoint_scheduler::{
+    playbook::Reentry,
     run::{RunStatus, new_run_id},
-    store::{Completion, ContactRecord, NewRun, Op, Retried, Store},
+    store::{Completion, ContactRecord, Enrolled, NewRun, Op, Retried, Store},
 };
 use touchpoint_tests::RedisServer;
 
@@ -34,7 +35,19 @@ fn new_run(partition: u16, contact: &str, request_id: Option<&str>, now: i64) ->
         now_ms: now,
         traceparent: String::new(),
         request_id: request_id.map(str::to_owned),
+        reentry: Reentry::Always,
+        goal: None,
+        trigger: None,
     }
+}
+
+/// `Store::enroll` as (run id, started).
+async fn enroll(store: &Store, run: &NewRun) -> (String, bool) {
+    let enrolled = store.enroll(run).await.expect("enroll");
+    (
+        enrolled.run_id().to_owned(),
+        matches!(enrolled, Enrolled::Started(_)),
+    )
 }
 
 fn finish(run_id: &str, fence: u64) -> Completion {
@@ -47,6 +60,8 @@ fn finish(run_id: &str, fence: u64) -> Completion {
         },
         detail: String::new(),
         entry: None,
+        stat: None,
+        unwait: false,
     }
 }
 
@@ -55,7 +70,7 @@ async fn a_stale_outcome_is_refused_after_its_lease_expired() {
     let redis = RedisServer::start();
     let store = store(&redis).await;
     let now = 1_000_000;
-    let (run_id, _) = store.enroll(&new_run(1, "c-1", None, now)).await.unwrap();
+    let (run_id, _) = enroll(&store, &new_run(1, "c-1", None, now)).await;
 
     let first = store.claim(1, now, 10, 100).await.unwrap();
     assert_eq!(first.runs.len(), 1);
@@ -118,15 +133,9 @@ async fn a_stale_outcome_is_refused_after_its_lease_expired() {
 async fn the_same_request_id_starts_one_run() {
     let redis = RedisServer::start();
     let store = store(&redis).await;
-    let (first, created) = store
-        .enroll(&new_run(2, "c-2", Some("req-1"), 10))
-        .await
-        .unwrap();
+    let (first, created) = enroll(&store, &new_run(2, "c-2", Some("req-1"), 10)).await;
     assert!(created);
-    let (again, created) = store
-        .enroll(&new_run(2, "c-2", Some("req-1"), 20))
-        .await
-        .unwrap();
+    let (again, created) = enroll(&store, &new_run(2, "c-2", Some("req-1"), 20)).await;
     assert!(!created);
     assert_eq!(first, again);
     let claimed = store.claim(2, 100, 10, 1000).await.unwrap();
@@ -139,10 +148,7 @@ async fn concurrent_claims_never_hand_out_a_run_twice() {
     let store = store(&redis).await;
     let mut enrolled = HashSet::new();
     for i in 0..200 {
-        let (run_id, _) = store
-            .enroll(&new_run(3, &format!("c-{i}"), None, 10))
-            .await
-            .unwrap();
+        let (run_id, _) = enroll(&store, &new_run(3, &format!("c-{i}"), None, 10)).await;
         enrolled.insert(run_id);
     }
     let claims = futures_claims(&store).await;
@@ -180,7 +186,7 @@ async fn futures_claims(store: &Store) -> Vec<String> {
 async fn a_retry_is_due_at_its_backoff_and_keeps_its_attempt_count() {
     let redis = RedisServer::start();
     let store = store(&redis).await;
-    let (run_id, _) = store.enroll(&new_run(0, "c-3", None, 10)).await.unwrap();
+    let (run_id, _) = enroll(&store, &new_run(0, "c-3", None, 10)).await;
     let claim = store.claim(0, 10, 10, 1000).await.unwrap();
     let retry = Completion {
         run_id: run_id.clone(),
@@ -192,6 +198,8 @@ async fn a_retry_is_due_at_its_backoff_and_keeps_its_attempt_count() {
         },
         detail: "attempt 1: HTTP 503".into(),
         entry: None,
+        stat: None,
+        unwait: false,
     };
     assert_eq!(store.complete(0, 20, &[retry]).await.unwrap(), (1, 0));
     assert!(store.claim(0, 499, 10, 1000).await.unwrap().runs.is_empty());
@@ -207,7 +215,7 @@ async fn a_retry_is_due_at_its_backoff_and_keeps_its_attempt_count() {
 async fn the_same_outcome_twice_in_one_batch_counts_once() {
     let redis = RedisServer::start();
     let store = store(&redis).await;
-    let (run_id, _) = store.enroll(&new_run(2, "c-5", None, 10)).await.unwrap();
+    let (run_id, _) = enroll(&store, &new_run(2, "c-5", None, 10)).await;
     let claim = store.claim(2, 10, 10, 60_000).await.unwrap();
     let fence = claim.runs[0].fence;
     let leased = store.get_run(&run_id).await.unwrap().unwrap();
@@ -223,6 +231,8 @@ async fn the_same_outcome_twice_in_one_batch_counts_once() {
         },
         detail: "attempt 1: HTTP 200".into(),
         entry: Some(failed_entry(0, "done")),
+        stat: None,
+        unwait: false,
     };
     assert_eq!(
         store
@@ -245,7 +255,7 @@ async fn the_same_outcome_twice_in_one_batch_counts_once() {
 async fn cancelling_fences_out_the_worker_holding_the_step() {
     let redis = RedisServer::start();
     let store = store(&redis).await;
-    let (run_id, _) = store.enroll(&new_run(1, "c-4", None, 10)).await.unwrap();
+    let (run_id, _) = enroll(&store, &new_run(1, "c-4", None, 10)).await;
     let claim = store.claim(1, 10, 10, 60_000).await.unwrap();
     let entry = touchpoint_scheduler::run::TimelineEntry {
         index: 0,
@@ -257,9 +267,9 @@ async fn cancelling_fences_out_the_worker_holding_the_step() {
         channel: String::new(),
         detail: "cancelled".into(),
     };
-    assert!(store.cancel(&run_id, 20, &entry).await.unwrap());
+    assert!(store.cancel(&run_id, 20, &entry, None).await.unwrap());
     assert!(
-        !store.cancel(&run_id, 30, &entry).await.unwrap(),
+        !store.cancel(&run_id, 30, &entry, None).await.unwrap(),
         "already finished"
     );
     let outcome = finish(&run_id, claim.runs[0].fence);
@@ -298,7 +308,7 @@ fn failed_entry(index: usize, detail: &str) -> touchpoint_scheduler::run::Timeli
 async fn fail_run(store: &Store, partition: u16, playbook: &str, now: i64, entry: bool) -> String {
     let mut run = new_run(partition, &format!("c-{now}"), None, now);
     run.playbook = playbook.into();
-    let (run_id, _) = store.enroll(&run).await.expect("enroll");
+    let (run_id, _) = enroll(store, &run).await;
     let claim = store
         .claim(partition, now, 1000, 60_000)
         .await
@@ -318,6 +328,8 @@ async fn fail_run(store: &Store, partition: u16, playbook: &str, now: i64, entry
         },
         detail: "attempt 3: HTTP 503".into(),
         entry: entry.then(|| failed_entry(0, "gave up after 3 attempts: HTTP 503")),
+        stat: None,
+        unwait: false,
     };
     assert_eq!(
         store
@@ -413,7 +425,7 @@ async fn a_run_failed_at_a_step_is_dead_lettered_without_expiry_until_retried() 
 async fn the_retry_keeps_the_timeline_of_earlier_steps() {
     let redis = RedisServer::start();
     let store = store(&redis).await;
-    let (run_id, _) = store.enroll(&new_run(2, "c-t", None, 10)).await.unwrap();
+    let (run_id, _) = enroll(&store, &new_run(2, "c-t", None, 10)).await;
     let claim = store.claim(2, 10, 10, 60_000).await.unwrap();
     let mut done = failed_entry(0, "HTTP 200");
     done.outcome = touchpoint_scheduler::run::StepOutcome::Done;
@@ -426,6 +438,8 @@ async fn the_retry_keeps_the_timeline_of_earlier_steps() {
         },
         detail: String::new(),
         entry: Some(done.clone()),
+        stat: None,
+        unwait: false,
     };
     assert_eq!(store.complete(2, 10, &[next]).await.unwrap(), (1, 0));
     let claim = store.claim(2, 20, 10, 60_000).await.unwrap();
@@ -438,6 +452,8 @@ async fn the_retry_keeps_the_timeline_of_earlier_steps() {
         },
         detail: "attempt 1: HTTP 400".into(),
         entry: Some(failed_entry(1, "HTTP 400")),
+        stat: None,
+        unwait: false,
     };
     assert_eq!(store.complete(2, 30, &[failed]).await.unwrap(), (1, 0));
     assert_eq!(
@@ -545,8 +561,8 @@ async fn a_heartbeat_extends_only_a_live_lease_under_its_fence() {
     let redis = RedisServer::start();
     let store = store(&redis).await;
     let now = 1_000_000;
-    let (a, _) = store.enroll(&new_run(2, "c-a", None, now)).await.unwrap();
-    let (b, _) = store.enroll(&new_run(2, "c-b", None, now)).await.unwrap();
+    let (a, _) = enroll(&store, &new_run(2, "c-a", None, now)).await;
+    let (b, _) = enroll(&store, &new_run(2, "c-b", None, now)).await;
     let claim = store.claim(2, now, 10, 100).await.unwrap();
     let fence = |id: &str| claim.runs.iter().find(|r| r.run_id == id).unwrap().fence;
     let (fa, fb) = (fence(&a), fence(&b));
@@ -604,7 +620,7 @@ async fn a_heartbeat_extends_only_a_live_lease_under_its_fence() {
         outcome: touchpoint_scheduler::run::StepOutcome::Cancelled,
         ..failed_entry(0, "cancelled")
     };
-    assert!(store.cancel(&b, now + 160, &entry).await.unwrap());
+    assert!(store.cancel(&b, now + 160, &entry, None).await.unwrap());
     assert!(
         store
             .extend(2, now + 170, 100, &[(b.clone(), fb2)])

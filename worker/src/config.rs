@@ -8,6 +8,8 @@ use serde::Deserialize;
 use touchpoint_proto::security::{BearerToken, ClientTls};
 
 use crate::channel::webhook;
+use crate::channel::wecom;
+use crate::channel::{grpc, sms, smtp};
 
 /// The scheduler a worker attaches to when the file names none.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
@@ -41,6 +43,18 @@ pub struct ChannelConfig {
     /// Retry defaults for steps on this channel whose playbook does not set them;
     /// unset fields are left to the scheduler's defaults.
     pub retry: ChannelRetry,
+    /// The provider's quota (`rate`, `burst`), announced to the schedulers, which hand
+    /// out this channel's steps no faster, over every worker together.
+    pub rate: Option<ChannelRate>,
+}
+
+/// `rate = "600/min"`, `burst = 20` on a `[[channel]]`: a token bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChannelRate {
+    /// Steps a second on average.
+    pub per_second: f64,
+    /// Steps at once (default: one second's worth, at least 1).
+    pub burst: u32,
 }
 
 /// `retry = { max_attempts = 5, initial = "1s", max = "5m" }` on a `[[channel]]`.
@@ -62,6 +76,15 @@ pub enum ChannelKind {
     Log,
     /// POSTs each delivery to a URL, signed with Standard Webhooks.
     Webhook(webhook::Config),
+    /// Sends a text message through Aliyun SMS or a generic HTTP SMS gateway.
+    Sms(sms::Config),
+    /// Sends an e-mail over SMTP.
+    Smtp(smtp::Config),
+    /// Hands each delivery to an external adapter process over gRPC.
+    Grpc(grpc::Config),
+    /// WeCom customer contact: welcome messages, send tasks, contact ways, group
+    /// invites and tags, plus the encrypted callback endpoint.
+    Wecom(wecom::Config),
 }
 
 /// What is wrong with a configuration, naming the field and what was expected.
@@ -145,6 +168,7 @@ impl WorkerConfig {
                     name: (*name).to_owned(),
                     kind: ChannelKind::Log,
                     retry: ChannelRetry::default(),
+                    rate: None,
                 })
                 .collect(),
             token: None,
@@ -184,6 +208,39 @@ pub(crate) struct RawChannel {
     pub(crate) secret_env: Option<String>,
     pub(crate) timeout: Option<String>,
     retry: Option<RawRetry>,
+    // any kind: the provider's quota
+    rate: Option<String>,
+    burst: Option<u32>,
+    // kind = "sms" (`url` and `timeout` above too)
+    pub(crate) provider: Option<String>,
+    pub(crate) access_key_id: Option<String>,
+    pub(crate) access_key_secret_env: Option<String>,
+    pub(crate) sign_name: Option<String>,
+    pub(crate) template_code: Option<String>,
+    pub(crate) format: Option<String>,
+    pub(crate) fields: Option<std::collections::BTreeMap<String, String>>,
+    pub(crate) token_env: Option<String>,
+    // kind = "smtp" (`timeout` too)
+    pub(crate) host: Option<String>,
+    pub(crate) port: Option<u16>,
+    pub(crate) username: Option<String>,
+    pub(crate) password_env: Option<String>,
+    pub(crate) from: Option<String>,
+    pub(crate) tls: Option<String>,
+    pub(crate) ca_file: Option<String>,
+    // kind = "grpc" (`timeout` too)
+    pub(crate) endpoint: Option<String>,
+    // kind = "wecom" (`secret_env`, `timeout` and `token_env` too)
+    pub(crate) corp_id: Option<String>,
+    pub(crate) base_url: Option<String>,
+    pub(crate) confirm_poll: Option<String>,
+    pub(crate) confirm_timeout: Option<String>,
+    pub(crate) rate_limit_retry_after: Option<String>,
+    pub(crate) sender: Option<String>,
+    pub(crate) fallback_channel: Option<String>,
+    pub(crate) callback_listen: Option<String>,
+    pub(crate) callback_path: Option<String>,
+    pub(crate) encoding_aes_key_env: Option<String>,
 }
 
 /// A channel's `retry` table as written.
@@ -296,7 +353,7 @@ impl RawChannel {
             None => {
                 return Err(Error::field(
                     format!("{at}.kind"),
-                    "required (supported: log, webhook)",
+                    "required (supported: log, webhook, sms, smtp, grpc, wecom)",
                 ));
             }
             Some("log") => {
@@ -304,10 +361,16 @@ impl RawChannel {
                 ChannelKind::Log
             }
             Some("webhook") => ChannelKind::Webhook(webhook::Config::from_raw(&self, at, env)?),
+            Some("sms") => ChannelKind::Sms(sms::Config::from_raw(&self, at, env)?),
+            Some("smtp") => ChannelKind::Smtp(smtp::Config::from_raw(&self, at, env)?),
+            Some("grpc") => ChannelKind::Grpc(grpc::Config::from_raw(&self, at, env)?),
+            Some("wecom") => ChannelKind::Wecom(wecom::Config::from_raw(&self, at, env)?),
             Some(other) => {
                 return Err(Error::field(
                     format!("{at}.kind"),
-                    format!("unsupported kind {other:?} (supported: log, webhook)"),
+                    format!(
+                        "unsupported kind {other:?} (supported: log, webhook, sms, smtp, grpc, wecom)"
+                    ),
                 ));
             }
         };
@@ -315,7 +378,13 @@ impl RawChannel {
             Some(raw) => raw.validate(at)?,
             None => ChannelRetry::default(),
         };
-        Ok(ChannelConfig { name, kind, retry })
+        let rate = channel_rate(at, self.rate.as_deref(), self.burst)?;
+        Ok(ChannelConfig {
+            name,
+            kind,
+            retry,
+            rate,
+        })
     }
 
     /// Fails on the first setting the kind takes no part of.
@@ -324,6 +393,25 @@ impl RawChannel {
             ("url", self.url.is_some()),
             ("secret_env", self.secret_env.is_some()),
             ("timeout", self.timeout.is_some()),
+            ("provider", self.provider.is_some()),
+            ("access_key_id", self.access_key_id.is_some()),
+            (
+                "access_key_secret_env",
+                self.access_key_secret_env.is_some(),
+            ),
+            ("sign_name", self.sign_name.is_some()),
+            ("template_code", self.template_code.is_some()),
+            ("format", self.format.is_some()),
+            ("fields", self.fields.is_some()),
+            ("token_env", self.token_env.is_some()),
+            ("host", self.host.is_some()),
+            ("port", self.port.is_some()),
+            ("username", self.username.is_some()),
+            ("password_env", self.password_env.is_some()),
+            ("from", self.from.is_some()),
+            ("tls", self.tls.is_some()),
+            ("ca_file", self.ca_file.is_some()),
+            ("endpoint", self.endpoint.is_some()),
         ];
         match settings.iter().find(|(_, present)| *present) {
             Some((setting, _)) => Err(Error::field(
@@ -333,6 +421,57 @@ impl RawChannel {
             None => Ok(()),
         }
     }
+}
+
+/// A channel's `rate` (`<count>/<s|min|h>`) and `burst` (at least 1; default one
+/// second's worth, at least 1). `burst` alone is refused.
+fn channel_rate(
+    at: &str,
+    rate: Option<&str>,
+    burst: Option<u32>,
+) -> Result<Option<ChannelRate>, Error> {
+    let Some(text) = rate else {
+        return match burst {
+            Some(_) => Err(Error::field(
+                format!("{at}.burst"),
+                "needs a rate (e.g. rate = \"600/min\")",
+            )),
+            None => Ok(None),
+        };
+    };
+    let bad = || {
+        Error::field(
+            format!("{at}.rate"),
+            format!("expected \"<count>/<s|min|h>\", got {text:?}"),
+        )
+    };
+    let (count, unit) = text.trim().split_once('/').ok_or_else(bad)?;
+    let count: u32 = count.trim().parse().map_err(|_| bad())?;
+    let seconds = match unit.trim() {
+        "s" => 1.0,
+        "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad()),
+    };
+    if count == 0 {
+        return Err(Error::field(
+            format!("{at}.rate"),
+            format!("expected at least 1, got {text:?}"),
+        ));
+    }
+    let per_second = f64::from(count) / seconds;
+    let burst = match burst {
+        Some(0) => {
+            return Err(Error::field(
+                format!("{at}.burst"),
+                "expected at least 1, got 0",
+            ));
+        }
+        Some(burst) => burst,
+        // One second's worth: at most `count` (a u32), so the cast cannot overflow.
+        None => (per_second.floor() as u32).max(1),
+    };
+    Ok(Some(ChannelRate { per_second, burst }))
 }
 
 /// Checks that `value` is an absolute `http://` or `https://` URL.
@@ -346,6 +485,56 @@ pub(crate) fn check_http_url(field: &str, value: &str) -> Result<reqwest::Url, E
                 format!("expected an http:// or https:// URL, got {value:?}"),
             )
         })
+}
+
+/// The value of the environment variable named by the setting `field` (e.g.
+/// `channel[2].password_env`), as is. Error messages name the variable, never its value.
+pub(crate) fn env_secret(
+    field: &str,
+    variable: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<secrecy::SecretString, Error> {
+    match env(variable) {
+        None => Err(Error::field(
+            field,
+            format!("environment variable {variable:?} is not set"),
+        )),
+        Some(value) if value.is_empty() => Err(Error::field(
+            field,
+            format!("environment variable {variable:?} is empty"),
+        )),
+        Some(value) => Ok(secrecy::SecretString::from(value)),
+    }
+}
+
+/// A non-zero duration such as `10s`, or `default` when the setting is absent.
+pub(crate) fn duration_or(
+    field: &str,
+    text: Option<&str>,
+    default: Duration,
+) -> Result<Duration, Error> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    match humantime::parse_duration(text) {
+        Ok(duration) if !duration.is_zero() => Ok(duration),
+        _ => Err(Error::field(
+            field,
+            format!("invalid duration {text:?} (expected e.g. 500ms, 10s, 1m)"),
+        )),
+    }
+}
+
+/// Fails on the first setting of `present` (name, is set) that `what` (e.g.
+/// `kind "smtp"`) takes no part of.
+pub(crate) fn reject_unused(at: &str, what: &str, present: &[(&str, bool)]) -> Result<(), Error> {
+    match present.iter().find(|(_, set)| *set) {
+        Some((setting, _)) => Err(Error::field(
+            format!("{at}.{setting}"),
+            format!("not allowed for {what}"),
+        )),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 //!   read from the environment at load time and never printed.
 //! - [`channel`]: the adapter seam ([`channel::ChannelAdapter`], [`channel::Delivery`],
 //!   a self-classifying [`channel::Error`]), the [`channel::Registry`] of channel names,
-//!   and one folder per adapter kind: [`channel::log`], [`channel::webhook`].
+//!   and one folder per adapter kind: [`channel::log`], [`channel::webhook`],
+//!   [`channel::sms`] (Aliyun, generic HTTP), [`channel::smtp`], [`channel::grpc`]
+//!   (external adapters).
 //! - `link`: the `WorkerService.Attach` stream to the scheduler: Hello, Tasks in,
 //!   TaskResults out, bounded concurrency, re-attach with backoff, drain on shutdown.
 //! - `heartbeat`: the tasks the worker holds, and the `Heartbeat`s that keep their leases.
@@ -28,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use touchpoint_proto::security::{BearerToken, ClientTls};
 use tracing::{info, warn};
 
-pub use config::{ChannelConfig, ChannelKind, ChannelRetry, WorkerConfig};
+pub use config::{ChannelConfig, ChannelKind, ChannelRate, ChannelRetry, WorkerConfig};
 
 /// The worker's command line; each flag also reads an environment variable.
 #[derive(Debug, Clone, clap::Parser)]
@@ -38,6 +40,9 @@ pub use config::{ChannelConfig, ChannelKind, ChannelRetry, WorkerConfig};
     about = "Delivers Touchpoint steps through channel adapters"
 )]
 pub struct WorkerArgs {
+    /// Logs and metrics.
+    #[command(flatten)]
+    pub telemetry: touchpoint_proto::telemetry::TelemetryArgs,
     /// The worker configuration file.
     #[arg(long, env = "TOUCHPOINT_WORKER_CONFIG", default_value = "worker.toml")]
     pub config: PathBuf,
@@ -71,8 +76,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let registry = channel::Registry::from_config(&config.channels)?;
-    let link = link::Link::new(&config, registry)?;
     let stop = CancellationToken::new();
+    channel::wecom::serve_callbacks(registry.wecom_adapters(), &config, stop.clone()).await?;
+    let link = link::Link::new(&config, registry)?;
     let serving = link.run(stop.clone());
     tokio::pin!(serving);
     tokio::select! {
@@ -89,6 +95,10 @@ pub async fn run(
 /// The binary's body: loads the configuration, applies the command line's overrides and
 /// runs until SIGINT or SIGTERM. Does not set up logging.
 pub async fn main_with_args(args: WorkerArgs) -> anyhow::Result<()> {
+    args.telemetry
+        .serve_metrics()
+        .await
+        .context("cannot serve metrics (--metrics-listen, TOUCHPOINT_METRICS_LISTEN)")?;
     let mut config = WorkerConfig::load(&args.config)
         .with_context(|| format!("worker config {}", args.config.display()))?;
     if let Some(server) = args.server {

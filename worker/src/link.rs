@@ -8,8 +8,9 @@
 //! are kept (see `outbox`) and sent first on the next stream, which also heartbeats the
 //! tasks still held. Prost types stop here: adapters see [`Delivery`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use rand::Rng as _;
@@ -20,15 +21,17 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Endpoint;
+use touchpoint_proto::metrics::{ChannelLabels, DeliveryLabels, metrics};
 use touchpoint_proto::security::{self, BearerToken};
+use touchpoint_proto::telemetry::continue_trace;
 use touchpoint_proto::v1::worker_service_client::WorkerServiceClient;
 use touchpoint_proto::v1::{
-    self as pb, Hello, Outcome, RetryDefaults, SchedulerMessage, Task, TaskResult, WorkerMessage,
-    scheduler_message, worker_message,
+    self as pb, Hello, Outcome, RetryDefaults, SchedulerMessage, Task, TaskProgress, TaskResult,
+    WorkerMessage, scheduler_message, worker_message,
 };
-use tracing::{Instrument as _, debug, error, info, info_span, warn};
+use tracing::{Instrument as _, debug, error, field::Empty, info, info_span, warn};
 
-use crate::channel::{self, Contact, Delivered, Delivery, Registry};
+use crate::channel::{self, Contact, Delivered, Delivery, Progress, Registry};
 use crate::config::{ChannelRetry, WorkerConfig};
 use crate::heartbeat::{self, HeldTasks, Hold};
 use crate::outbox::Outbox;
@@ -83,6 +86,18 @@ impl Link {
                 .filter(|c| c.retry != ChannelRetry::default())
                 .map(|c| (c.name.clone(), retry_defaults(&c.retry)))
                 .collect(),
+            channel_rate: config
+                .channels
+                .iter()
+                .filter_map(|c| {
+                    let rate = c.rate?;
+                    let limit = pb::RateLimit {
+                        per_second: rate.per_second,
+                        burst: rate.burst,
+                    };
+                    Some((c.name.clone(), limit))
+                })
+                .collect::<HashMap<_, _>>(),
         };
         Ok(Self {
             endpoint,
@@ -118,6 +133,7 @@ impl Link {
                     backoff.reset();
                     // Results kept while the link was down go first.
                     self.outbox.attach(attached.results.clone());
+                    metrics().worker.scheduler_connected.set(1);
                     match self.serve(&mut attached, &mut deliveries, &shutdown).await {
                         Ok(()) => {
                             // The stream is still open, so results still reach the scheduler.
@@ -126,6 +142,7 @@ impl Link {
                         }
                         Err(lost) => {
                             self.outbox.detach();
+                            metrics().worker.scheduler_connected.set(0);
                             lost
                         }
                     }
@@ -219,14 +236,31 @@ impl Link {
     /// Runs one task in its own tokio task and hands its result to the outbox (sent on the
     /// open stream, or kept for the next one); the task is heartbeated until then (`hold`
     /// is dropped once the result is handed over).
-    fn start(&self, task: Task, hold: Hold, deliveries: &mut JoinSet<()>) {
+    fn start(&self, mut task: Task, hold: Hold, deliveries: &mut JoinSet<()>) {
         let span = info_span!(
             "deliver",
+            otel.name = %format!("process {}", task.channel),
+            otel.kind = "consumer",
+            messaging.system = "touchpoint",
+            messaging.operation.type = "process",
+            messaging.destination.name = %task.channel,
+            touchpoint.playbook = %task.playbook,
+            touchpoint.version = task.version,
+            touchpoint.step = %task.step_id,
+            touchpoint.channel = %task.channel,
+            touchpoint.attempt = task.attempt,
+            touchpoint.run_id = %task.run_id,
+            touchpoint.outcome = Empty,
             run_id = %task.run_id,
             step = %task.step_id,
             channel = %task.channel,
             attempt = task.attempt,
+            trace_id = Empty,
+            span_id = Empty,
         );
+        // Adapters continue the delivery's span (their calls, the receiver).
+        task.traceparent = continue_trace(&span, &task.traceparent);
+        let recorded = span.clone();
         let adapter = self.registry.get(&task.channel).cloned();
         let slots = Arc::clone(&self.slots);
         let outbox = self.outbox.clone();
@@ -237,13 +271,43 @@ impl Link {
                 return;
             };
             let (run_id, fencing_token) = (task.run_id.clone(), task.fencing_token);
+            let progress = progress_sink(&outbox, &run_id, fencing_token);
+            let m = &metrics().worker;
+            let channel_labels = ChannelLabels {
+                channel: task.channel.clone(),
+            };
+            m.deliveries_in_flight.inc();
+            let started = std::time::Instant::now();
+            let channel_name = task.channel.clone();
             let outcome = match adapter {
-                Some(adapter) => adapter.deliver(&delivery_from_task(task)).await,
+                Some(adapter) => {
+                    let delivery = delivery_from_task(task, progress);
+                    if delivery.past_step_deadline() {
+                        Err(channel::Error::skipped("deadline passed before delivery"))
+                    } else {
+                        adapter.deliver(&delivery).await
+                    }
+                }
                 None => Err(channel::Error::permanent(format!(
                     "channel {} is not configured on this worker",
                     task.channel
                 ))),
             };
+            m.deliveries_in_flight.dec();
+            m.delivery_duration
+                .get_or_create(&channel_labels)
+                .observe(started.elapsed().as_secs_f64());
+            let counted = outcome_name(&outcome);
+            m.deliveries
+                .get_or_create(&DeliveryLabels {
+                    channel: channel_name,
+                    outcome: counted,
+                })
+                .inc();
+            if matches!(&outcome, Err(error) if error.is_rate_limited()) {
+                m.rate_limited.get_or_create(&channel_labels).inc();
+            }
+            recorded.record("touchpoint.outcome", counted);
             log_outcome(&outcome);
             // Whichever stream is open now (not necessarily the one the task came on),
             // or the next one.
@@ -253,8 +317,31 @@ impl Link {
     }
 }
 
+/// The `outcome` label of a delivery.
+fn outcome_name(outcome: &Result<Delivered, channel::Error>) -> &'static str {
+    match outcome {
+        Ok(_) => "ok",
+        Err(channel::Error::Retryable { .. }) => "retryable",
+        Err(channel::Error::Skipped { .. }) => "skipped",
+        Err(_) => "permanent",
+    }
+}
+
+/// Progress reports of one attempt, sent on whichever stream is open (dropped if none).
+fn progress_sink(outbox: &Outbox, run_id: &str, fencing_token: u64) -> Progress {
+    let (outbox, run_id) = (outbox.clone(), run_id.to_owned());
+    Progress::new(move |detail, state| {
+        outbox.progress(TaskProgress {
+            run_id: run_id.clone(),
+            fencing_token,
+            detail: detail.to_owned(),
+            state: state.to_owned(),
+        });
+    })
+}
+
 /// The wire task as adapters see it. Params that are not a JSON object become `{}`.
-fn delivery_from_task(task: Task) -> Delivery {
+fn delivery_from_task(task: Task, progress: Progress) -> Delivery {
     let params = match serde_json::from_str::<serde_json::Value>(&task.params_json) {
         Ok(params @ serde_json::Value::Object(_)) => params,
         _ => {
@@ -265,10 +352,8 @@ fn delivery_from_task(task: Task) -> Delivery {
         }
     };
     let contact = task.contact.map(contact_from_wire).unwrap_or_default();
-    let deadline = u64::try_from(task.deadline_ms)
-        .ok()
-        .filter(|ms| *ms > 0)
-        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+    let deadline = wall_clock(task.deadline_ms);
+    let step_deadline = wall_clock(task.step_deadline_ms);
     Delivery {
         run_id: task.run_id,
         playbook: task.playbook,
@@ -283,7 +368,18 @@ fn delivery_from_task(task: Task) -> Delivery {
         idempotency_key: task.idempotency_key,
         traceparent: task.traceparent,
         deadline,
+        step_deadline,
+        resume_state: task.resume_state,
+        progress,
     }
+}
+
+/// A wire time (ms since the epoch; 0 = none).
+fn wall_clock(ms: i64) -> Option<SystemTime> {
+    u64::try_from(ms)
+        .ok()
+        .filter(|ms| *ms > 0)
+        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
 }
 
 fn contact_from_wire(contact: pb::Contact) -> Contact {
@@ -301,15 +397,20 @@ fn task_result(
     fencing_token: u64,
     outcome: &Result<Delivered, channel::Error>,
 ) -> TaskResult {
+    let rate_limited = matches!(outcome, Err(error) if error.is_rate_limited());
     let (outcome, detail, retry_after) = match outcome {
         Ok(delivered) => (Outcome::Ok, delivered.detail.clone(), None),
-        Err(error) if error.is_retryable() => (
+        Err(error @ channel::Error::Retryable { .. }) => (
             Outcome::Retryable,
             error.detail().to_owned(),
             error.retry_after(),
         ),
+        Err(error @ channel::Error::Skipped { .. }) => {
+            (Outcome::Skipped, error.detail().to_owned(), None)
+        }
         Err(error) => (Outcome::Permanent, error.detail().to_owned(), None),
     };
+
     TaskResult {
         run_id,
         fencing_token,
@@ -318,6 +419,7 @@ fn task_result(
         retry_after_ms: retry_after.map_or(0, |wait| {
             u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
         }),
+        rate_limited,
     }
 }
 
@@ -446,8 +548,6 @@ fn retry_defaults(retry: &ChannelRetry) -> RetryDefaults {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
     #[test]
@@ -485,12 +585,14 @@ mod tests {
             idempotency_key: "run-1:coupon".to_owned(),
             traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
             deadline_ms: 1_700_000_000_000,
+            step_deadline_ms: 1_700_000_020_000,
+            resume_state: "msgid-1".to_owned(),
         }
     }
 
     #[test]
     fn a_task_becomes_a_delivery() {
-        let delivery = delivery_from_task(task(r#"{"coupon":"WELCOME10"}"#));
+        let delivery = delivery_from_task(task(r#"{"coupon":"WELCOME10"}"#), Progress::default());
         assert_eq!(delivery.params, serde_json::json!({"coupon": "WELCOME10"}));
         assert_eq!(delivery.contact.attrs["name"], "王芳");
         assert_eq!(delivery.contact.identities["wecom"], "wmXXXX");
@@ -500,12 +602,18 @@ mod tests {
             delivery.deadline,
             Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_000))
         );
+        assert_eq!(
+            delivery.step_deadline,
+            Some(UNIX_EPOCH + Duration::from_millis(1_700_000_020_000))
+        );
+        assert!(delivery.past_step_deadline());
+        assert_eq!(delivery.resume_state, "msgid-1");
     }
 
     #[test]
     fn params_that_are_not_a_json_object_become_empty() {
         for params_json in ["", "not json", "[1, 2]", "\"text\""] {
-            let delivery = delivery_from_task(task(params_json));
+            let delivery = delivery_from_task(task(params_json), Progress::default());
             assert_eq!(delivery.params, serde_json::json!({}), "{params_json:?}");
         }
     }
@@ -516,13 +624,11 @@ mod tests {
         assert_eq!(ok.outcome(), Outcome::Ok);
         assert_eq!((ok.detail.as_str(), ok.fencing_token), ("HTTP 200", 7));
 
-        let busy = channel::Error::Retryable {
-            detail: "HTTP 503".to_owned(),
-            retry_after: Some(Duration::from_secs(7)),
-        };
+        let busy = channel::Error::rate_limited("HTTP 429", Some(Duration::from_secs(7)));
         let retry = task_result("run-1".to_owned(), 7, &Err(busy));
         assert_eq!(retry.outcome(), Outcome::Retryable);
         assert_eq!(retry.retry_after_ms, 7000);
+        assert!(retry.rate_limited);
 
         let rejected = task_result(
             "run-1".to_owned(),

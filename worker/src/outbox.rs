@@ -22,7 +22,7 @@ use std::{
 };
 
 use tokio::sync::mpsc;
-use touchpoint_proto::v1::{TaskResult, WorkerMessage, worker_message};
+use touchpoint_proto::v1::{TaskProgress, TaskResult, WorkerMessage, worker_message};
 use tracing::{debug, info, warn};
 
 /// Most results kept (never sent, or sent and still in doubt).
@@ -101,6 +101,17 @@ impl Outbox {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Nothing here is left half-updated by a panic.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends `progress` on the open stream; drops it when the link is down (progress is
+    /// advisory: the result that follows is what counts).
+    pub(crate) fn progress(&self, progress: TaskProgress) {
+        let state = self.lock();
+        if let Some(stream) = &state.stream {
+            let _ = stream.send(WorkerMessage {
+                kind: Some(worker_message::Kind::Progress(progress)),
+            });
+        }
     }
 
     /// Sends `result` on the open stream, or keeps it for the next one.

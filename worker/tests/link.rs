@@ -38,6 +38,8 @@ fn task(run_id: &str, channel: &str) -> Result<SchedulerMessage, Status> {
             idempotency_key: format!("{run_id}:coupon"),
             traceparent: String::new(),
             deadline_ms: 0,
+            step_deadline_ms: 0,
+            resume_state: String::new(),
         })),
     })
 }

@@ -1,77 +1,91 @@
-//! `tp enroll NAME --contact ID ...`: start a run for one contact.
+//! `tp enroll NAME --contact ID ...`: start a run for one contact;
+//! `tp enroll NAME --file FILE`: for every contact of a CSV or JSONL file ([`bulk`]).
 
-use clap::Args;
+mod bulk;
+mod contacts_file;
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args};
 use serde::Serialize;
-use touchpoint_proto::v1::{Contact, EnrollRequest, EnrollResponse};
+use touchpoint_proto::v1::{EnrollRequest, EnrollResponse};
 
 use crate::client::Client;
+use crate::commands::contact::ContactFields;
 use crate::output::{self, Format, Tabular};
 
+use contacts_file::FileFormat;
+
+/// `tp enroll --help`, after the options: the contacts file formats and reruns.
+const FILE_HELP: &str = "\
+Contacts files (--file):
+  CSV    A header line, then one contact per line. `id` is required; `tags` holds tags
+         separated by `;`; `tz` is the time zone; `phone`, `email` and `wecom` become
+         identities; every other column is an attribute. An empty cell sets nothing.
+  JSONL  One object per line: {\"id\": \"c-1001\", \"attrs\": {\"name\": \"王芳\"},
+         \"tags\": [\"paid\"], \"tz\": \"Asia/Shanghai\", \"identities\": {\"phone\": \"...\"}};
+         other keys are an error. Blank lines are skipped.
+  The format comes from the extension (.csv, .jsonl, .ndjson) unless --format says;
+  `--file -` reads stdin and needs --format.
+
+  A bad line (wrong number of columns, no id, invalid JSON, or refused by the scheduler)
+  is reported on stderr as `line N: what is wrong` and skipped; the others are enrolled,
+  and tp exits with 1 at the end. A summary counts contacts read, started, already
+  enrolled, not started (the playbook's reentry refused them) and bad lines.
+
+  Reruns are safe: each contact's request id is `bulk:<playbook>:<contact id>`, so
+  running the same file again within 24 h starts nobody twice (they count as already
+  enrolled); after that, the playbook's `reentry` decides.";
+
 #[derive(Args, Debug)]
+#[command(group(ArgGroup::new("source").required(true).args(["contact", "file"])))]
+#[command(after_long_help = FILE_HELP)]
 pub(crate) struct EnrollArgs {
-    /// The playbook; the run starts on its latest version.
+    /// The playbook; runs start on its latest version.
     playbook: String,
     /// The contact's id (e.g. the CRM's customer id).
     #[arg(long, value_name = "ID")]
-    contact: String,
-    /// A contact attribute; repeat for more.
-    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_attr)]
-    attrs: Vec<(String, String)>,
-    /// A contact tag; repeat for more.
-    #[arg(long = "tag", value_name = "TAG")]
-    tags: Vec<String>,
-    /// The contact's IANA time zone, e.g. Asia/Shanghai.
-    #[arg(long)]
-    tz: Option<String>,
-    /// Phone number identity.
-    #[arg(long)]
-    phone: Option<String>,
-    /// Email identity.
-    #[arg(long)]
-    email: Option<String>,
-    /// WeCom external user id.
-    #[arg(long, value_name = "ID")]
-    wecom: Option<String>,
+    contact: Option<String>,
+    #[command(flatten)]
+    fields: ContactFields,
     /// Idempotency key: sending the same one again starts no second run.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", conflicts_with = "file")]
     request_id: Option<String>,
+    /// Enroll every contact of a CSV or JSONL file (`-`: stdin); running the same file
+    /// again within 24 h starts nobody twice (formats: see --help).
+    #[arg(short = 'f', long, value_name = "FILE")]
+    #[arg(conflicts_with_all = ["attrs", "tags", "tz", "wecom", "phone", "email"])]
+    file: Option<PathBuf>,
+    /// The file's format (default: from its extension).
+    #[arg(
+        long,
+        value_enum,
+        conflicts_with = "contact",
+        required_if_eq("file", "-")
+    )]
+    format: Option<FileFormat>,
 }
 
 impl EnrollArgs {
-    /// The request these arguments describe.
-    pub(crate) fn request(&self) -> EnrollRequest {
-        let identities = [
-            ("wecom", &self.wecom),
-            ("phone", &self.phone),
-            ("email", &self.email),
-        ]
-        .into_iter()
-        .filter_map(|(kind, id)| Some((kind.to_owned(), id.clone()?)))
-        .collect();
-        EnrollRequest {
+    /// The single enrollment these arguments describe (`None` for a file).
+    pub(crate) fn request(&self) -> Option<EnrollRequest> {
+        let id = self.contact.as_deref()?;
+        Some(EnrollRequest {
             playbook: self.playbook.clone(),
-            contact: Some(Contact {
-                id: self.contact.clone(),
-                attrs: self.attrs.iter().cloned().collect(),
-                tags: self.tags.clone(),
-                tz: self.tz.clone().unwrap_or_default(),
-                identities,
-            }),
+            contact: Some(self.fields.contact(id)),
             request_id: self.request_id.clone().unwrap_or_default(),
-        }
-    }
-}
-
-/// `KEY=VALUE` (the value may itself contain `=`).
-fn parse_attr(arg: &str) -> Result<(String, String), String> {
-    match arg.split_once('=') {
-        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
-        _ => Err(format!("expected KEY=VALUE, got {arg:?}")),
+        })
     }
 }
 
 pub(crate) async fn run(args: EnrollArgs, client: &Client, format: Format) -> anyhow::Result<()> {
-    let request = args.request();
+    if let Some(file) = &args.file {
+        return bulk::run(args.playbook, file, args.format, client, format).await;
+    }
+    // clap requires --contact or --file.
+    let Some(request) = args.request() else {
+        anyhow::bail!("give --contact ID or --file FILE");
+    };
     let enrolled = enroll(client, request).await?;
     output::print(format, &enrolled)
 }
@@ -83,34 +97,52 @@ pub(crate) async fn enroll(
 ) -> anyhow::Result<EnrolledView> {
     let playbook = request.playbook.clone();
     let request_id = request.request_id.clone();
+    let contact_id = request
+        .contact
+        .as_ref()
+        .map(|contact| contact.id.clone())
+        .unwrap_or_default();
     let response = client
         .enrollment()
         .enroll(request)
         .await
         .map_err(|status| client.error(status))?
         .into_inner();
-    Ok(EnrolledView::new(response, playbook, request_id))
+    Ok(EnrolledView::new(
+        response, playbook, contact_id, request_id,
+    ))
 }
 
-/// The run an enrollment started.
+/// The run an enrollment started (or why it started none).
 #[derive(Debug, Serialize)]
 pub(crate) struct EnrolledView {
     pub(crate) run_id: String,
     playbook: String,
     version: u32,
-    /// False when the request id had already started this run.
+    contact_id: String,
+    /// False when the request id had already started this run, or when the playbook's
+    /// `reentry` refused a new run (then `not_started` says why).
     created: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    not_started: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     request_id: String,
 }
 
 impl EnrolledView {
-    fn new(response: EnrollResponse, playbook: String, request_id: String) -> Self {
+    fn new(
+        response: EnrollResponse,
+        playbook: String,
+        contact_id: String,
+        request_id: String,
+    ) -> Self {
         Self {
             run_id: response.run_id,
             playbook,
             version: response.version,
+            contact_id,
             created: response.created,
+            not_started: response.not_started,
             request_id,
         }
     }
@@ -122,11 +154,20 @@ impl Tabular for EnrolledView {
             run_id,
             playbook,
             version,
+            contact_id,
             created,
+            not_started,
             request_id,
         } = self;
         if *created {
             format!("run/{run_id} started ({playbook} v{version})")
+        } else if !not_started.is_empty() {
+            let last = if run_id.is_empty() {
+                String::new()
+            } else {
+                format!(" (last run: run/{run_id})")
+            };
+            format!("contact/{contact_id} not started on {playbook}: {not_started}{last}")
         } else {
             format!("run/{run_id} already started by request {request_id}")
         }
@@ -138,28 +179,69 @@ mod tests {
     use super::*;
 
     #[test]
-    fn attrs() {
-        assert_eq!(parse_attr("name=王芳"), Ok(("name".into(), "王芳".into())));
-        assert_eq!(parse_attr("empty="), Ok(("empty".into(), String::new())));
-        assert_eq!(parse_attr("url=a=b"), Ok(("url".into(), "a=b".into())));
-        assert!(parse_attr("name").is_err());
-        assert!(parse_attr("=x").is_err());
-    }
-
-    #[test]
     fn enroll_lines() {
         let response = EnrollResponse {
             run_id: "r-1".into(),
             version: 3,
             created: true,
+            not_started: String::new(),
         };
-        let view = EnrolledView::new(response.clone(), "welcome-new-customer".into(), "".into());
-        assert_eq!(view.table(), "run/r-1 started (welcome-new-customer v3)");
+        let view = |response: &EnrollResponse, request_id: &str| {
+            EnrolledView::new(
+                response.clone(),
+                "welcome-new-customer".into(),
+                "c-1".into(),
+                request_id.into(),
+            )
+        };
+        assert_eq!(
+            view(&response, "").table(),
+            "run/r-1 started (welcome-new-customer v3)"
+        );
         let replay = EnrollResponse {
             created: false,
+            ..response.clone()
+        };
+        assert_eq!(
+            view(&replay, "req-7").table(),
+            "run/r-1 already started by request req-7"
+        );
+        let refused = EnrollResponse {
+            created: false,
+            not_started: "reentry: never".into(),
             ..response
         };
-        let view = EnrolledView::new(replay, "welcome-new-customer".into(), "req-7".into());
-        assert_eq!(view.table(), "run/r-1 already started by request req-7");
+        assert_eq!(
+            view(&refused, "").table(),
+            "contact/c-1 not started on welcome-new-customer: reentry: never (last run: run/r-1)"
+        );
+        let refused = EnrollResponse {
+            run_id: String::new(),
+            ..refused
+        };
+        assert_eq!(
+            view(&refused, "").table(),
+            "contact/c-1 not started on welcome-new-customer: reentry: never"
+        );
+    }
+
+    #[test]
+    fn json_says_why_nothing_started() -> anyhow::Result<()> {
+        let view = EnrolledView::new(
+            EnrollResponse {
+                run_id: "r-1".into(),
+                version: 2,
+                created: false,
+                not_started: "reentry: after 3d".into(),
+            },
+            "welcome".into(),
+            "c-1".into(),
+            String::new(),
+        );
+        let json: serde_json::Value = serde_json::from_str(&output::render(Format::Json, &view)?)?;
+        assert_eq!(json["created"], false);
+        assert_eq!(json["not_started"], "reentry: after 3d");
+        assert!(json.get("request_id").is_none(), "{json}");
+        Ok(())
     }
 }

@@ -1,18 +1,17 @@
-//! `tp playbook apply | list | get`.
+//! `tp playbook apply | list | get | pause | resume`.
 
-use std::io::Read;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Subcommand;
 use jiff::Timestamp;
 use serde::Serialize;
 use touchpoint_proto::v1::{
     ApplyPlaybookRequest, ApplyPlaybookResponse, ApplyStatus, GetPlaybookRequest,
-    ListPlaybooksRequest, Playbook,
+    ListPlaybooksRequest, PausePlaybookRequest, Playbook, ResumePlaybookRequest,
 };
 
 use crate::client::Client;
+use crate::commands::read_source;
 use crate::output::{self, Format, Tabular, fields, local_time, timestamp, word};
 
 #[derive(Subcommand, Debug)]
@@ -36,6 +35,17 @@ pub(crate) enum PlaybookCommand {
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         version: Option<u32>,
     },
+    /// Stop sending for a playbook: steps that come due wait (runs still start and
+    /// events are still recorded) until it is resumed.
+    Pause {
+        /// The playbook's name.
+        name: String,
+    },
+    /// Send again for a paused playbook: every step that came due meanwhile goes out now.
+    Resume {
+        /// The playbook's name.
+        name: String,
+    },
 }
 
 pub(crate) async fn run(
@@ -46,7 +56,7 @@ pub(crate) async fn run(
     match command {
         PlaybookCommand::Apply { file, dry_run } => {
             let request = ApplyPlaybookRequest {
-                yaml: read_source(&file)?,
+                yaml: read_source(&file, "the playbook")?,
                 dry_run,
             };
             let applied = apply(client, request).await?;
@@ -79,6 +89,24 @@ pub(crate) async fn run(
                 .into_inner();
             output::print(format, &PlaybookView::new(playbook, true))
         }
+        PlaybookCommand::Pause { name } => {
+            let playbook = client
+                .playbooks()
+                .pause_playbook(PausePlaybookRequest { name })
+                .await
+                .map_err(|status| client.error(status))?
+                .into_inner();
+            output::print(format, &Switched(PlaybookView::new(playbook, false)))
+        }
+        PlaybookCommand::Resume { name } => {
+            let playbook = client
+                .playbooks()
+                .resume_playbook(ResumePlaybookRequest { name })
+                .await
+                .map_err(|status| client.error(status))?
+                .into_inner();
+            output::print(format, &Switched(PlaybookView::new(playbook, false)))
+        }
     }
 }
 
@@ -96,17 +124,6 @@ pub(crate) async fn apply(
     Ok(AppliedView::from(response))
 }
 
-fn read_source(file: &PathBuf) -> anyhow::Result<String> {
-    if file.as_os_str() == "-" {
-        let mut source = String::new();
-        std::io::stdin()
-            .read_to_string(&mut source)
-            .context("cannot read the playbook from stdin")?;
-        return Ok(source);
-    }
-    std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
-}
-
 /// The outcome of `apply`.
 #[derive(Debug, Serialize)]
 pub(crate) struct AppliedView {
@@ -116,6 +133,8 @@ pub(crate) struct AppliedView {
     #[serde(serialize_with = "apply_status")]
     status: ApplyStatus,
     steps: u32,
+    /// Runs still going on older versions (they stay on their version).
+    runs_on_older_versions: u64,
 }
 
 fn apply_status<S: serde::Serializer>(status: &ApplyStatus, s: S) -> Result<S::Ok, S::Error> {
@@ -129,6 +148,7 @@ impl From<ApplyPlaybookResponse> for AppliedView {
             name: response.name,
             version: response.version,
             steps: response.step_count,
+            runs_on_older_versions: response.runs_on_older_versions,
         }
     }
 }
@@ -140,8 +160,9 @@ impl Tabular for AppliedView {
             version,
             status,
             steps,
+            runs_on_older_versions,
         } = self;
-        match status {
+        let line = match status {
             ApplyStatus::Unchanged => format!("playbook/{name} unchanged (version {version})"),
             ApplyStatus::Valid => {
                 format!("playbook/{name} is valid (would be version {version}, {steps} steps)")
@@ -149,6 +170,11 @@ impl Tabular for AppliedView {
             ApplyStatus::Created | ApplyStatus::Unspecified => {
                 format!("playbook/{name} created (version {version}, {steps} steps)")
             }
+        };
+        match runs_on_older_versions {
+            0 => line,
+            1 => format!("{line}; 1 run still on an older version"),
+            n => format!("{line}; {n} runs still on older versions"),
         }
     }
 }
@@ -159,6 +185,8 @@ struct PlaybookView {
     name: String,
     version: u32,
     latest_version: u32,
+    /// Paused: nothing of it is sent until resumed.
+    paused: bool,
     description: String,
     steps: Vec<String>,
     created_at: Option<Timestamp>,
@@ -175,6 +203,7 @@ impl PlaybookView {
             name: playbook.name,
             version: playbook.version,
             latest_version: playbook.latest_version,
+            paused: playbook.paused,
             description: playbook.description,
             steps: playbook.step_ids,
         }
@@ -189,6 +218,7 @@ impl Tabular for PlaybookView {
                 "version",
                 format!("{} (latest {})", self.version, self.latest_version),
             ),
+            ("paused", yes_no(self.paused).to_owned()),
             ("description", self.description.clone()),
             (
                 "steps",
@@ -210,17 +240,35 @@ struct PlaybookList(Vec<PlaybookView>);
 
 impl Tabular for PlaybookList {
     fn table(&self) -> String {
-        let mut table = output::table(["NAME", "VERSION", "LATEST", "STEPS", "CREATED"]);
+        let mut table = output::table(["NAME", "VERSION", "LATEST", "PAUSED", "STEPS", "CREATED"]);
         for playbook in &self.0 {
             table.add_row([
                 playbook.name.clone(),
                 playbook.version.to_string(),
                 playbook.latest_version.to_string(),
+                yes_no(playbook.paused).to_owned(),
                 playbook.steps.len().to_string(),
                 local_time(playbook.created_at),
             ]);
         }
         table.trim_fmt()
+    }
+}
+
+fn yes_no(value: bool) -> &'static str {
+    if value { "yes" } else { "no" }
+}
+
+/// `playbook pause | resume`: one line, or the playbook as JSON or YAML.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+struct Switched(PlaybookView);
+
+impl Tabular for Switched {
+    fn table(&self) -> String {
+        let Self(playbook) = self;
+        let state = if playbook.paused { "paused" } else { "resumed" };
+        format!("playbook/{} {state}", playbook.name)
     }
 }
 
@@ -234,6 +282,7 @@ mod tests {
             version,
             status: status.into(),
             step_count: 6,
+            runs_on_older_versions: 0,
         })
     }
 
@@ -251,6 +300,40 @@ mod tests {
             applied(ApplyStatus::Valid, 4).table(),
             "playbook/welcome-new-customer is valid (would be version 4, 6 steps)"
         );
+        let mut older = applied(ApplyStatus::Created, 4);
+        older.runs_on_older_versions = 12;
+        assert_eq!(
+            older.table(),
+            "playbook/welcome-new-customer created (version 4, 6 steps); \
+             12 runs still on older versions"
+        );
+        older.runs_on_older_versions = 1;
+        assert!(
+            older.table().ends_with("; 1 run still on an older version"),
+            "{}",
+            older.table()
+        );
+    }
+
+    #[test]
+    fn pause_and_resume_lines() -> anyhow::Result<()> {
+        let mut playbook = Playbook {
+            name: "welcome".into(),
+            version: 2,
+            latest_version: 2,
+            paused: true,
+            ..Playbook::default()
+        };
+        let paused = Switched(PlaybookView::new(playbook.clone(), false));
+        assert_eq!(paused.table(), "playbook/welcome paused");
+        let json: serde_json::Value =
+            serde_json::from_str(&output::render(Format::Json, &paused)?)?;
+        assert_eq!(json["paused"], true);
+        assert_eq!(json["name"], "welcome");
+        playbook.paused = false;
+        let resumed = Switched(PlaybookView::new(playbook, false));
+        assert_eq!(resumed.table(), "playbook/welcome resumed");
+        Ok(())
     }
 
     #[test]
@@ -263,6 +346,7 @@ mod tests {
             step_ids: vec!["add".into(), "coupon".into()],
             created_at_ms: 1_795_417_445_000,
             latest_version: 3,
+            paused: true,
         };
         let view = PlaybookView::new(playbook, true);
         let table = view.table();
@@ -271,6 +355,7 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("version:      2 (latest 3)\n"), "{table}");
+        assert!(table.contains("paused:       yes\n"), "{table}");
         assert!(table.contains("steps:        2 (add, coupon)\n"), "{table}");
         assert!(
             table.ends_with("\n\nname: welcome-new-customer\nsteps: []\n"),
@@ -282,9 +367,30 @@ mod tests {
         assert_eq!(json["created_at"], "2026-11-23T07:04:05Z");
         assert_eq!(json["latest_version"], 3);
 
+        assert_eq!(json["paused"], true);
+
         let list = PlaybookList(vec![PlaybookView::new(Playbook::default(), false)]);
         let json: serde_json::Value = serde_json::from_str(&output::render(Format::Json, &list)?)?;
         assert!(json[0].get("yaml").is_none(), "{json}");
+        assert_eq!(json[0]["paused"], false);
+        let table = list.table();
+        let header: Vec<&str> = table
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            header,
+            ["NAME", "VERSION", "LATEST", "PAUSED", "STEPS", "CREATED"]
+        );
+        assert_eq!(
+            table
+                .lines()
+                .nth(1)
+                .map(|row| row.split_whitespace().nth(2)),
+            Some(Some("no"))
+        );
         Ok(())
     }
 }

@@ -1,13 +1,14 @@
 //! `tp run list | get | cancel`.
 
-use clap::{Subcommand, ValueEnum};
+use clap::{ArgGroup, Subcommand, ValueEnum};
 use jiff::Timestamp;
 use serde::Serialize;
 use touchpoint_proto::v1::{
-    CancelRunRequest, GetRunRequest, ListRunsRequest, Run, RunStatus, StepRecord,
+    CancelRunRequest, CancelRunsRequest, GetRunRequest, ListRunsRequest, Run, RunStatus, StepRecord,
 };
 
 use crate::client::Client;
+use crate::commands::count;
 use crate::output::{self, Format, Tabular, fields, local_time, timestamp, word};
 
 /// Most runs the scheduler returns in one page.
@@ -32,10 +33,18 @@ pub(crate) enum RunCommand {
         /// The run's id, as `enroll` and `run list` print it.
         run_id: String,
     },
-    /// Stop a run that has not finished; nothing more is sent for it.
+    /// Stop a run that has not finished, or every active run of a playbook (optionally
+    /// only those at one step); nothing more is sent for them.
+    #[command(group(ArgGroup::new("target").required(true).args(["run_id", "playbook"])))]
     Cancel {
         /// The run's id.
-        run_id: String,
+        run_id: Option<String>,
+        /// Cancel every active run of this playbook.
+        #[arg(long)]
+        playbook: Option<String>,
+        /// With --playbook: only the runs at this step.
+        #[arg(long = "step", value_name = "STEP_ID", conflicts_with = "run_id")]
+        step_id: Option<String>,
     },
 }
 
@@ -46,6 +55,7 @@ pub(crate) enum StatusFilter {
     Completed,
     Failed,
     Cancelled,
+    Converted,
 }
 
 impl From<StatusFilter> for RunStatus {
@@ -55,6 +65,7 @@ impl From<StatusFilter> for RunStatus {
             StatusFilter::Completed => RunStatus::Completed,
             StatusFilter::Failed => RunStatus::Failed,
             StatusFilter::Cancelled => RunStatus::Cancelled,
+            StatusFilter::Converted => RunStatus::Converted,
         }
     }
 }
@@ -82,7 +93,10 @@ pub(crate) async fn run(
                 .into_inner();
             output::print(format, &RunView::from(run))
         }
-        RunCommand::Cancel { run_id } => {
+        RunCommand::Cancel {
+            run_id: Some(run_id),
+            ..
+        } => {
             let run = client
                 .runs()
                 .cancel_run(CancelRunRequest { run_id })
@@ -90,6 +104,30 @@ pub(crate) async fn run(
                 .map_err(|status| client.error(status))?
                 .into_inner();
             output::print(format, &Cancelled(RunView::from(run)))
+        }
+        RunCommand::Cancel {
+            run_id: None,
+            playbook,
+            step_id,
+        } => {
+            // clap requires a run id or --playbook.
+            let playbook = playbook.unwrap_or_default();
+            let request = CancelRunsRequest {
+                playbook: playbook.clone(),
+                step_id: step_id.clone().unwrap_or_default(),
+            };
+            let response = client
+                .runs()
+                .cancel_runs(request)
+                .await
+                .map_err(|status| client.error(status))?
+                .into_inner();
+            let view = BulkCancelled {
+                cancelled: response.cancelled,
+                playbook,
+                step_id,
+            };
+            output::print(format, &view)
         }
     }
 }
@@ -257,6 +295,25 @@ impl Tabular for Cancelled {
     }
 }
 
+/// `run cancel --playbook`: one line, or `{cancelled, playbook, step_id}` as JSON or YAML.
+#[derive(Debug, Serialize)]
+struct BulkCancelled {
+    cancelled: u64,
+    playbook: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step_id: Option<String>,
+}
+
+impl Tabular for BulkCancelled {
+    fn table(&self) -> String {
+        let runs = count(self.cancelled, "run", "runs");
+        match &self.step_id {
+            Some(step) => format!("playbook/{} step {step}: {runs} cancelled", self.playbook),
+            None => format!("playbook/{}: {runs} cancelled", self.playbook),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use touchpoint_proto::v1::StepStatus;
@@ -402,5 +459,50 @@ mod tests {
         run.status = "cancelled".into();
         assert_eq!(Cancelled(run).table(), "run/0197a1b2-run cancelled");
         Ok(())
+    }
+
+    #[test]
+    fn bulk_cancel_lines() -> anyhow::Result<()> {
+        let all = BulkCancelled {
+            cancelled: 12,
+            playbook: "welcome".into(),
+            step_id: None,
+        };
+        assert_eq!(all.table(), "playbook/welcome: 12 runs cancelled");
+        let json: serde_json::Value = serde_json::from_str(&output::render(Format::Json, &all)?)?;
+        assert_eq!(
+            json,
+            serde_json::json!({"cancelled": 12, "playbook": "welcome"})
+        );
+        let one_step = BulkCancelled {
+            cancelled: 1,
+            playbook: "welcome".into(),
+            step_id: Some("remind".into()),
+        };
+        assert_eq!(
+            one_step.table(),
+            "playbook/welcome step remind: 1 run cancelled"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn new_statuses_are_words() {
+        let mut run = Run {
+            status: RunStatus::Converted.into(),
+            ..Run::default()
+        };
+        run.steps.push(StepRecord {
+            status: StepStatus::Waiting.into(),
+            ..StepRecord::default()
+        });
+        run.steps.push(StepRecord {
+            status: StepStatus::Paused.into(),
+            ..StepRecord::default()
+        });
+        let view = RunView::from(run);
+        assert_eq!(view.status, "converted");
+        assert_eq!(view.steps[0].status, "waiting");
+        assert_eq!(view.steps[1].status, "paused");
     }
 }

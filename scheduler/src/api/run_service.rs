@@ -11,14 +11,14 @@ use touchpoint_proto::v1::{
 use super::status::invalid_field;
 use crate::{
     clock::now_ms,
-    engine::Engine,
+    engine::RATE_LIMITED,
+    enrollment::{Enroller, Enrollment},
+    localtime,
+    observe::CallTrace,
     playbook::StepKind,
-    playbook_cache::PlaybookCache,
-    run::{
-        Next, RunStatus, StepOutcome, TimelineEntry, new_run_id, next_step, partition_of_contact,
-    },
-    store::{ContactRecord, NewRun, RunRecord, Store},
-    trace,
+    playbook_cache::{LoadedPlaybook, PlaybookCache},
+    run::{RunStatus, StepOutcome, TimelineEntry},
+    store::{ContactRecord, Enrolled, RunRecord, Store},
 };
 
 /// Limits on what one enrollment may carry.
@@ -28,39 +28,47 @@ const MAX_VALUE_BYTES: usize = 4096;
 const MAX_PAGE_SIZE: u32 = 1000;
 const DEFAULT_PAGE_SIZE: u32 = 50;
 
+/// Most contacts in one EnrollBatch call.
+const MAX_BATCH: usize = 1000;
+
 /// Starts runs.
 #[derive(Debug, Clone)]
 pub(crate) struct EnrollmentApi {
     store: Store,
     playbooks: Arc<PlaybookCache>,
-    engine: Arc<Engine>,
+    enroller: Enroller,
 }
 
 impl EnrollmentApi {
-    /// The service over `store`, waking `engine` for new runs.
-    pub(crate) fn new(store: Store, playbooks: Arc<PlaybookCache>, engine: Arc<Engine>) -> Self {
+    /// The service over `store`, starting runs through `enroller`.
+    pub(crate) fn new(store: Store, playbooks: Arc<PlaybookCache>, enroller: Enroller) -> Self {
         Self {
             store,
             playbooks,
-            engine,
+            enroller,
         }
     }
 }
 
-fn check_contact(contact: &v1::Contact) -> Result<(), Status> {
-    let check_id = |field: &str, id: &str| {
-        if id.is_empty() {
-            Err(invalid_field(field, "required"))
-        } else if id.len() > MAX_ID_BYTES || id.chars().any(char::is_control) {
-            Err(invalid_field(
-                field,
-                format!("expected at most {MAX_ID_BYTES} bytes of printable text"),
-            ))
-        } else {
-            Ok(())
-        }
-    };
+/// An id, key or name: not empty, printable, at most [`MAX_ID_BYTES`].
+pub(super) fn check_id(field: &str, id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        Err(invalid_field(field, "required"))
+    } else if id.len() > MAX_ID_BYTES || id.chars().any(char::is_control) {
+        Err(invalid_field(
+            field,
+            format!("expected at most {MAX_ID_BYTES} bytes of printable text"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+pub(super) fn check_contact(contact: &v1::Contact) -> Result<(), Status> {
     check_id("contact.id", &contact.id)?;
+    if !contact.tz.is_empty() {
+        localtime::parse_tz(&contact.tz).map_err(|e| invalid_field("contact.tz", e))?;
+    }
     if contact.attrs.len() > MAX_ATTRS {
         return Err(invalid_field(
             "contact.attrs",
@@ -87,71 +95,152 @@ fn check_contact(contact: &v1::Contact) -> Result<(), Status> {
     Ok(())
 }
 
+impl EnrollmentApi {
+    /// Checks one contact and starts its run of `loaded`.
+    async fn enroll_one(
+        &self,
+        loaded: &LoadedPlaybook,
+        contact: Option<v1::Contact>,
+        request_id: String,
+        caller_trace: Option<String>,
+    ) -> Result<Enrolled, Status> {
+        let contact = contact.ok_or_else(|| invalid_field("contact", "required"))?;
+        check_contact(&contact)?;
+        if request_id.len() > MAX_ID_BYTES {
+            return Err(invalid_field(
+                "request_id",
+                format!("longer than {MAX_ID_BYTES} bytes"),
+            ));
+        }
+        let enrollment = Enrollment {
+            contact: contact_record(contact),
+            request_id: (!request_id.is_empty()).then_some(request_id),
+            caller_trace,
+            trigger: None,
+        };
+        Ok(self.enroller.enroll(loaded, enrollment).await?)
+    }
+}
+
+/// A checked wire contact as stored.
+pub(super) fn contact_record(contact: v1::Contact) -> ContactRecord {
+    ContactRecord {
+        id: contact.id,
+        attrs: contact.attrs.into_iter().collect(),
+        tags: contact.tags,
+        tz: contact.tz,
+        identities: contact.identities.into_iter().collect(),
+    }
+}
+
+/// The timeline line of a run cancelled at its current step.
+fn cancelled_entry(record: &RunRecord, now: i64, detail: &str) -> TimelineEntry {
+    TimelineEntry {
+        index: record.step_index,
+        outcome: StepOutcome::Cancelled,
+        attempts: record.attempt.saturating_sub(u32::from(!record.leased)),
+        due_ms: record.due_ms,
+        done_ms: now,
+        worker: String::new(),
+        channel: String::new(),
+        detail: detail.to_owned(),
+    }
+}
+
+/// The traceparent of the call's span (which continues the caller's `traceparent`): a
+/// run started by a single `Enroll` continues the call's trace.
+fn caller_trace<T>(request: &Request<T>) -> Option<String> {
+    request
+        .extensions()
+        .get::<CallTrace>()
+        .map(|trace| trace.0.clone())
+}
+
+fn not_started(enrolled: &Enrolled) -> String {
+    match enrolled {
+        Enrolled::Refused { reason, .. } => reason.clone(),
+        _ => String::new(),
+    }
+}
+
 #[tonic::async_trait]
 impl EnrollmentService for EnrollmentApi {
     async fn enroll(
         &self,
         request: Request<v1::EnrollRequest>,
     ) -> Result<Response<v1::EnrollResponse>, Status> {
-        let caller_trace = request
-            .metadata()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let caller_trace = caller_trace(&request);
         let request = request.into_inner();
         if request.playbook.is_empty() {
             return Err(invalid_field("playbook", "required"));
         }
-        let contact = request
-            .contact
-            .ok_or_else(|| invalid_field("contact", "required"))?;
-        check_contact(&contact)?;
-        if request.request_id.len() > MAX_ID_BYTES {
+        // A bad contact is reported as such, whatever the playbook.
+        if let Some(contact) = &request.contact {
+            check_contact(contact)?;
+        }
+        let loaded = self
+            .playbooks
+            .latest(&self.store, &request.playbook)
+            .await?;
+        let enrolled = self
+            .enroll_one(&loaded, request.contact, request.request_id, caller_trace)
+            .await?;
+        Ok(Response::new(v1::EnrollResponse {
+            run_id: enrolled.run_id().to_owned(),
+            version: loaded.version,
+            created: matches!(enrolled, Enrolled::Started(_)),
+            not_started: not_started(&enrolled),
+        }))
+    }
+
+    async fn enroll_batch(
+        &self,
+        request: Request<v1::EnrollBatchRequest>,
+    ) -> Result<Response<v1::EnrollBatchResponse>, Status> {
+        // One run is one trace: the runs of a batch each start their own, rather than
+        // hundreds of runs sharing the batch call's trace.
+        let request = request.into_inner();
+        if request.playbook.is_empty() {
+            return Err(invalid_field("playbook", "required"));
+        }
+        if request.items.len() > MAX_BATCH {
             return Err(invalid_field(
-                "request_id",
-                format!("longer than {MAX_ID_BYTES} bytes"),
+                "items",
+                format!(
+                    "{} items (at most {MAX_BATCH} per call)",
+                    request.items.len()
+                ),
             ));
         }
         let loaded = self
             .playbooks
             .latest(&self.store, &request.playbook)
             .await?;
-        let partitions = self.store.partitions();
-        let partition = partition_of_contact(&contact.id, partitions);
-        let now = now_ms();
-        let Next::Step { index, due_ms } = next_step(&loaded.playbook, 0, now) else {
-            return Err(Status::failed_precondition("the playbook has no steps"));
-        };
-        let mut tags = contact.tags;
-        tags.sort();
-        tags.dedup();
-        let run = NewRun {
-            run_id: new_run_id(partition),
-            partition,
-            playbook: request.playbook,
+        // Each item is its own enrollment; they go to Redis together (the connection
+        // pipelines concurrent calls).
+        let calls = request
+            .items
+            .into_iter()
+            .map(|item| self.enroll_one(&loaded, item.contact, item.request_id, None));
+        let results = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|result| match result {
+                Ok(enrolled) => v1::EnrollItemResult {
+                    run_id: enrolled.run_id().to_owned(),
+                    created: matches!(enrolled, Enrolled::Started(_)),
+                    not_started: not_started(&enrolled),
+                    error: String::new(),
+                },
+                Err(status) => v1::EnrollItemResult {
+                    error: status.message().to_owned(),
+                    ..v1::EnrollItemResult::default()
+                },
+            })
+            .collect();
+        Ok(Response::new(v1::EnrollBatchResponse {
+            results,
             version: loaded.version,
-            contact: ContactRecord {
-                id: contact.id,
-                attrs: contact.attrs.into_iter().collect(),
-                tags,
-                tz: contact.tz,
-                identities: contact.identities.into_iter().collect(),
-            },
-            first_step: index,
-            due_ms,
-            now_ms: now,
-            traceparent: trace::for_new_run(caller_trace.as_deref()),
-            request_id: (!request.request_id.is_empty()).then_some(request.request_id),
-        };
-        let (run_id, created) = self.store.enroll(&run).await?;
-        if created {
-            self.engine.schedule_check(partition, due_ms);
-            tracing::debug!(run_id = %run_id, playbook = %run.playbook, version = run.version, "run started");
-        }
-        Ok(Response::new(v1::EnrollResponse {
-            run_id,
-            version: loaded.version,
-            created,
         }))
     }
 }
@@ -214,10 +303,15 @@ impl RunApi {
         if record.status == RunStatus::Active
             && let (Some(step), Some(slot)) = (current, records.get_mut(record.step_index))
         {
-            let retrying = record.attempt > 1 || !record.detail.is_empty();
+            // A step held back by its channel's rate limit is not retrying.
+            let retrying = record.attempt > 1
+                || !(record.detail.is_empty() || record.detail.starts_with(RATE_LIMITED));
+            let waiting = record.waiting_step == Some(record.step_index);
             slot.status = match (&step.kind, record.leased) {
                 (_, true) => StepStatus::InFlight,
+                (StepKind::WaitFor(_), false) if waiting => StepStatus::Waiting,
                 (StepKind::Action(_), false) if retrying => StepStatus::Retrying,
+                _ if record.detail.starts_with("paused") => StepStatus::Paused,
                 _ => StepStatus::Scheduled,
             }
             .into();
@@ -241,6 +335,7 @@ impl RunApi {
                 RunStatus::Completed => ProtoRunStatus::Completed,
                 RunStatus::Failed => ProtoRunStatus::Failed,
                 RunStatus::Cancelled => ProtoRunStatus::Cancelled,
+                RunStatus::Converted => ProtoRunStatus::Converted,
             }
             .into(),
             current_step: match record.status {
@@ -249,7 +344,7 @@ impl RunApi {
             },
             created_at_ms: record.created_ms,
             updated_at_ms: record.updated_ms,
-            trace_id: trace::trace_id(&record.traceparent)
+            trace_id: touchpoint_proto::telemetry::trace_id(&record.traceparent)
                 .unwrap_or_default()
                 .to_owned(),
             steps: records,
@@ -271,6 +366,7 @@ fn status_word(status: ProtoRunStatus) -> Option<RunStatus> {
         ProtoRunStatus::Active => Some(RunStatus::Active),
         ProtoRunStatus::Completed => Some(RunStatus::Completed),
         ProtoRunStatus::Failed => Some(RunStatus::Failed),
+        ProtoRunStatus::Converted => Some(RunStatus::Converted),
         ProtoRunStatus::Cancelled => Some(RunStatus::Cancelled),
     }
 }
@@ -399,17 +495,8 @@ impl RunService for RunApi {
         let run_id = request.into_inner().run_id;
         let record = self.load(&run_id).await?;
         let now = now_ms();
-        let entry = TimelineEntry {
-            index: record.step_index,
-            outcome: StepOutcome::Cancelled,
-            attempts: record.attempt.saturating_sub(u32::from(!record.leased)),
-            due_ms: record.due_ms,
-            done_ms: now,
-            worker: String::new(),
-            channel: String::new(),
-            detail: "cancelled".to_owned(),
-        };
-        if !self.store.cancel(&run_id, now, &entry).await? {
+        let entry = cancelled_entry(&record, now, "cancelled");
+        if !self.store.cancel(&run_id, now, &entry, None).await? {
             return Err(Status::failed_precondition(format!(
                 "run {run_id:?} has already finished"
             )));
@@ -417,5 +504,70 @@ impl RunService for RunApi {
         tracing::info!(run_id = %run_id, "run cancelled");
         let record = self.load(&run_id).await?;
         Ok(Response::new(self.to_proto(record).await?))
+    }
+
+    async fn cancel_runs(
+        &self,
+        request: Request<v1::CancelRunsRequest>,
+    ) -> Result<Response<v1::CancelRunsResponse>, Status> {
+        let request = request.into_inner();
+        if request.playbook.is_empty() {
+            return Err(invalid_field("playbook", "required"));
+        }
+        if self
+            .store
+            .get_playbook(&request.playbook, None)
+            .await?
+            .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "playbook {:?} not found",
+                request.playbook
+            )));
+        }
+        let mut cancelled = 0;
+        let mut before: Option<String> = None;
+        loop {
+            let ids = self
+                .store
+                .playbook_run_ids(&request.playbook, before.as_deref(), 500)
+                .await?;
+            let Some(last) = ids.last() else { break };
+            before = Some(last.clone());
+            for record in self.store.get_runs(&ids).await?.into_iter().flatten() {
+                if record.status != RunStatus::Active {
+                    continue;
+                }
+                // The step is matched by id in the run's own version.
+                let at_step = if request.step_id.is_empty() {
+                    None
+                } else {
+                    let loaded = self
+                        .playbooks
+                        .get(&self.store, &record.playbook, record.version)
+                        .await?;
+                    match loaded
+                        .playbook
+                        .steps
+                        .iter()
+                        .position(|s| s.id == request.step_id)
+                    {
+                        Some(index) if index == record.step_index => Some(index),
+                        _ => continue,
+                    }
+                };
+                let now = now_ms();
+                let entry = cancelled_entry(&record, now, "cancelled in bulk");
+                if self
+                    .store
+                    .cancel(&record.run_id, now, &entry, at_step)
+                    .await?
+                {
+                    cancelled += 1;
+                }
+            }
+        }
+        tracing::info!(playbook = %request.playbook, step = %request.step_id, cancelled, "runs cancelled in bulk");
+        Ok(Response::new(v1::CancelRunsResponse { cancelled }))
     }
 }

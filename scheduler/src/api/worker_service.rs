@@ -7,13 +7,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use touchpoint_proto::v1::{
-    RetryDefaults, SchedulerMessage, Welcome, WorkerMessage, scheduler_message, worker_message,
-    worker_service_server::WorkerService,
+    RateLimit, RetryDefaults, SchedulerMessage, Welcome, WorkerMessage, scheduler_message,
+    worker_message, worker_service_server::WorkerService,
 };
 use tracing::{info, warn};
 
 use super::status::invalid_field;
-use crate::{engine::Engine, playbook::RetryOverrides};
+use crate::{engine::Engine, playbook::RetryOverrides, store::Rate};
 
 /// Most tasks one worker may ask to hold at once.
 const MAX_CAPACITY: u32 = 10_000;
@@ -75,6 +75,7 @@ impl WorkerService for WorkerApi {
         info!(worker = %hello.worker_id, channels = ?hello.channels, capacity = hello.capacity, "worker connected");
         let worker_id = hello.worker_id.clone();
         let channel_retry = retry_defaults(&hello.channel_retry)?;
+        let channel_rate = rate_limits(&hello.channel_rate)?;
         let connection =
             self.engine
                 .workers()
@@ -82,6 +83,9 @@ impl WorkerService for WorkerApi {
         self.engine
             .workers()
             .set_channel_retry(connection, channel_retry);
+        self.engine
+            .workers()
+            .set_channel_rate(connection, channel_rate);
         // Before any of its messages is read: its buffered results and heartbeats may be
         // for steps it held on an earlier stream.
         self.engine.on_worker_attached(connection, &worker_id);
@@ -109,6 +113,11 @@ impl WorkerService for WorkerApi {
                         kind: Some(worker_message::Kind::Heartbeat(heartbeat)),
                     })) => {
                         engine.on_heartbeat(connection, heartbeat);
+                    }
+                    Ok(Some(WorkerMessage {
+                        kind: Some(worker_message::Kind::Progress(progress)),
+                    })) => {
+                        engine.on_progress(connection, progress);
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => {
@@ -154,4 +163,61 @@ fn retry_defaults(
             Ok((channel.clone(), overrides))
         })
         .collect()
+}
+
+/// The rate limits a worker announced: a positive rate; a burst of 0 means one second's
+/// worth (at least 1).
+fn rate_limits(
+    announced: &std::collections::HashMap<String, RateLimit>,
+) -> Result<std::collections::HashMap<String, Rate>, Status> {
+    announced
+        .iter()
+        .map(|(channel, limit)| {
+            if !(limit.per_second.is_finite() && limit.per_second > 0.0) {
+                return Err(invalid_field(
+                    &format!("hello.channel_rate.{channel}.per_second"),
+                    format!("{} (expected more than 0)", limit.per_second),
+                ));
+            }
+            let burst = if limit.burst > 0 {
+                limit.burst
+            } else {
+                // Saturates at u32::MAX for an absurd rate.
+                (limit.per_second.floor() as u32).max(1)
+            };
+            let rate = Rate {
+                per_second: limit.per_second,
+                burst,
+            };
+            Ok((channel.clone(), rate))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announced(per_second: f64, burst: u32) -> std::collections::HashMap<String, RateLimit> {
+        std::collections::HashMap::from([("sms".to_owned(), RateLimit { per_second, burst })])
+    }
+
+    #[test]
+    fn announced_rates_need_a_positive_rate_and_default_the_burst() {
+        let rates = rate_limits(&announced(2.5, 0)).unwrap();
+        assert_eq!(
+            rates["sms"],
+            Rate {
+                per_second: 2.5,
+                burst: 2
+            }
+        );
+        let rates = rate_limits(&announced(0.01, 0)).unwrap();
+        assert_eq!(rates["sms"].burst, 1);
+        assert_eq!(rate_limits(&announced(10.0, 3)).unwrap()["sms"].burst, 3);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let status = rate_limits(&announced(bad, 1)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+    }
 }

@@ -12,7 +12,8 @@ mod template;
 use std::time::Duration;
 
 pub use duration::parse_duration;
-pub use parse::{Violation, Violations, parse};
+pub(crate) use parse::read_document;
+pub use parse::{Violation, Violations, is_event_name, parse};
 pub use template::{Compiled, RenderError};
 
 /// Most steps one playbook may have.
@@ -26,7 +27,31 @@ pub struct Playbook {
     /// `[a-z0-9-]{1,63}`.
     pub name: String,
     pub description: String,
+    pub entry: Entry,
+    /// The event that ends a run as converted (`goal.event`).
+    pub goal: Option<String>,
+    /// Recurring campaign: enroll an audience on every cron tick.
+    pub schedule: Option<crate::schedule::Schedule>,
     pub steps: Vec<Step>,
+}
+
+/// How contacts enter a playbook.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Entry {
+    /// Recording this event for a contact starts a run (`entry.event`).
+    pub event: Option<String>,
+    pub reentry: Reentry,
+}
+
+/// Whether a contact that already entered a playbook may enter it again. It holds for
+/// every way in: API and CLI enrollments, entry events and schedule ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Reentry {
+    /// Once per contact, ever (the default; recurring playbooks default to `Always`).
+    Never,
+    Always,
+    /// Again once this long has passed since the contact last entered.
+    After(#[serde(with = "millis")] Duration),
 }
 
 /// One step of a playbook.
@@ -34,6 +59,9 @@ pub struct Playbook {
 pub struct Step {
     pub id: String,
     pub kind: StepKind,
+    /// Index of the step the run goes to after this one (`goto:`), when not the next.
+    /// A step whose `if` is false falls through to the next step instead.
+    pub goto: Option<usize>,
 }
 
 /// What a step does: a closed set.
@@ -46,6 +74,33 @@ pub enum StepKind {
         #[serde(with = "millis")]
         duration: Duration,
     },
+    /// Wait until the next time the contact's clock shows `HH:MM`.
+    WaitUntil { hour: u8, minute: u8 },
+    /// Wait for an event of the contact, at most `timeout`.
+    WaitFor(WaitFor),
+    /// End the run (completed), unless its `if` is false.
+    Exit { condition: Option<String> },
+}
+
+/// A `wait_for:` step.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WaitFor {
+    pub event: String,
+    #[serde(with = "millis")]
+    pub timeout: Duration,
+    /// Where the run goes when the event comes (default: the next step).
+    pub on_event: Option<usize>,
+    /// Where the run goes when the timeout passes first (default: the next step).
+    pub on_timeout: Option<usize>,
+}
+
+/// What a capped or quiet-hours send does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Hold {
+    /// Skip the step (the run goes on).
+    Skip,
+    /// Send it later: when the quiet hours end, or the cap's window has room.
+    Defer,
 }
 
 /// An action step: handed to a worker that serves `channel`.
@@ -61,6 +116,15 @@ pub struct Action {
     /// The step's own `retry:` fields; the rest come from the channel's defaults (announced
     /// by its workers) and then [`RetryPolicy::default`].
     pub retry: RetryOverrides,
+    /// Bypasses the contact budget (caps and quiet hours): order confirmations and the like.
+    pub transactional: bool,
+    /// What a send over a frequency cap does (default skip).
+    pub on_cap: Hold,
+    /// What a send in the contact's quiet hours does (default defer).
+    pub on_quiet_hours: Hold,
+    /// Not sent at all once this long has passed since the run started (a WeCom welcome
+    /// code is good for about 20 s after the contact was added): skipped, never late.
+    pub deadline: Option<Duration>,
 }
 
 /// Retry settings that may leave fields unset, to be filled from a wider default.
@@ -113,11 +177,14 @@ impl Default for RetryPolicy {
 }
 
 impl Step {
-    /// "action" or "wait", as shown in run timelines.
+    /// "action", "wait", "wait_until", "wait_for" or "exit", as shown in run timelines.
     pub fn kind_name(&self) -> &'static str {
         match self.kind {
             StepKind::Action(_) => "action",
             StepKind::Wait { .. } => "wait",
+            StepKind::WaitUntil { .. } => "wait_until",
+            StepKind::WaitFor(_) => "wait_for",
+            StepKind::Exit { .. } => "exit",
         }
     }
 
@@ -125,8 +192,18 @@ impl Step {
     pub fn channel(&self) -> Option<&str> {
         match &self.kind {
             StepKind::Action(action) => Some(&action.channel),
-            StepKind::Wait { .. } => None,
+            _ => None,
         }
+    }
+}
+
+impl Playbook {
+    /// Where a run goes after step `index` ran (not skipped): its `goto`, or the next step.
+    pub fn after(&self, index: usize) -> usize {
+        self.steps
+            .get(index)
+            .and_then(|step| step.goto)
+            .unwrap_or(index + 1)
     }
 }
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::{Playbook, StepKind};
 
 /// Variables a template or condition may use.
-const VARIABLES: [&str; 2] = ["contact", "params"];
+const VARIABLES: [&str; 3] = ["contact", "params", "event"];
 /// Longest template or condition source, in bytes.
 const MAX_TEMPLATE_BYTES: usize = 16 * 1024;
 
@@ -87,19 +87,62 @@ fn condition_name(step: usize) -> String {
     format!("c{step}")
 }
 
+fn param_name(step: usize, pointer: &str) -> String {
+    format!("p{step}{pointer}")
+}
+
+/// Whether a param string is a template (the rest are sent as written).
+pub(super) fn is_template(text: &str) -> bool {
+    text.contains("{{") || text.contains("{%")
+}
+
+/// Every string leaf of `value` with its JSON pointer (`/coupon`, `/items/0`).
+pub(super) fn string_leaves<'a>(
+    value: &'a serde_json::Value,
+    pointer: String,
+    out: &mut Vec<(String, &'a str)>,
+) {
+    match value {
+        serde_json::Value::String(text) => out.push((pointer, text)),
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                string_leaves(item, format!("{pointer}/{i}"), out);
+            }
+        }
+        serde_json::Value::Object(fields) => {
+            for (key, item) in fields {
+                let escaped = key.replace('~', "~0").replace('/', "~1");
+                string_leaves(item, format!("{pointer}/{escaped}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
 impl Compiled {
     /// Compiles a validated playbook (its sources were checked by [`super::parse`]).
     pub fn new(playbook: &Playbook) -> Result<Self, RenderError> {
         let mut env = environment();
         for (index, step) in playbook.steps.iter().enumerate() {
-            let StepKind::Action(action) = &step.kind else {
-                continue;
+            let (template, condition) = match &step.kind {
+                StepKind::Action(action) => (&action.template, &action.condition),
+                StepKind::Exit { condition } => (&None, condition),
+                _ => continue,
             };
-            if let Some(source) = &action.template {
+            if let Some(source) = template {
                 env.add_template_owned(template_name(index), source.clone())
                     .map_err(|e| RenderError(describe(&e)))?;
             }
-            if let Some(expr) = &action.condition {
+            if let StepKind::Action(action) = &step.kind {
+                let params = serde_json::Value::Object(action.params.clone());
+                let mut leaves = Vec::new();
+                string_leaves(&params, String::new(), &mut leaves);
+                for (pointer, text) in leaves.into_iter().filter(|(_, t)| is_template(t)) {
+                    env.add_template_owned(param_name(index, &pointer), text.to_owned())
+                        .map_err(|e| RenderError(describe(&e)))?;
+                }
+            }
+            if let Some(expr) = condition {
                 // The expression was compiled alone at validation, so it cannot
                 // break out of the block it is wrapped in here.
                 let source = format!("{{% if {expr} %}}true{{% endif %}}");
@@ -122,6 +165,35 @@ impl Compiled {
                 .map(Some)
                 .map_err(|e| RenderError(describe(&e))),
             Err(_) => Ok(None),
+        }
+    }
+
+    /// Step `index`'s params with every templated string rendered (e.g. a WeCom
+    /// `welcome_code: "{{ event.attrs.welcome_code }}"`); the rest as written.
+    pub fn render_params(
+        &self,
+        index: usize,
+        params: &serde_json::Map<String, serde_json::Value>,
+        ctx: &impl Serialize,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, RenderError> {
+        let mut rendered = serde_json::Value::Object(params.clone());
+        let original = serde_json::Value::Object(params.clone());
+        let mut leaves = Vec::new();
+        string_leaves(&original, String::new(), &mut leaves);
+        for (pointer, _) in leaves.into_iter().filter(|(_, t)| is_template(t)) {
+            let Ok(template) = self.env.get_template(&param_name(index, &pointer)) else {
+                continue;
+            };
+            let value = template
+                .render(ctx)
+                .map_err(|e| RenderError(format!("params{pointer}: {}", describe(&e))))?;
+            if let Some(slot) = rendered.pointer_mut(&pointer) {
+                *slot = serde_json::Value::String(value);
+            }
+        }
+        match rendered {
+            serde_json::Value::Object(map) => Ok(map),
+            _ => Ok(params.clone()),
         }
     }
 

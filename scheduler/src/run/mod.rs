@@ -15,6 +15,8 @@ pub enum RunStatus {
     Completed,
     Failed,
     Cancelled,
+    /// Ended because the contact reached the playbook's goal.
+    Converted,
 }
 
 impl RunStatus {
@@ -25,6 +27,7 @@ impl RunStatus {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
+            Self::Converted => "converted",
         }
     }
 
@@ -35,6 +38,7 @@ impl RunStatus {
             "completed" => Self::Completed,
             "failed" => Self::Failed,
             "cancelled" => Self::Cancelled,
+            "converted" => Self::Converted,
             _ => return None,
         })
     }
@@ -87,13 +91,18 @@ pub enum Next {
     Completed,
 }
 
-/// The step a run moves to when it arrives at `index` at `now_ms`: an action is due at
-/// once; a wait is "due" when it has elapsed (claiming it then completes it).
+/// The step a run moves to when it arrives at `index` at `now_ms`: a wait is "due" when
+/// it has elapsed (claiming it then completes it); every other step is due at once. (A
+/// `wait_until` or `wait_for` needs the contact, which the claim reads: its first claim
+/// schedules it, its second completes it.)
 pub fn next_step(playbook: &Playbook, index: usize, now_ms: i64) -> Next {
     match playbook.steps.get(index) {
         None => Next::Completed,
         Some(step) => match &step.kind {
-            StepKind::Action(_) => Next::Step {
+            StepKind::Action(_)
+            | StepKind::WaitUntil { .. }
+            | StepKind::WaitFor(_)
+            | StepKind::Exit { .. } => Next::Step {
                 index,
                 due_ms: now_ms,
             },

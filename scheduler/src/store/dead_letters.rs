@@ -319,7 +319,8 @@ impl Store {
             .arg(self.keys.run_prefix(partition))
             .arg(self.keys.dead_playbook_prefix(partition))
             .arg(now_ms)
-            .arg(playbook.unwrap_or_default());
+            .arg(playbook.unwrap_or_default())
+            .arg(self.keys.stats_prefix(partition));
         for run_id in run_ids {
             invocation.arg(run_id);
         }

@@ -40,6 +40,43 @@ impl Keys {
         format!("{}:runs:{{{name}}}", self.prefix)
     }
 
+    /// Set of the names of playbooks with a `schedule:` (recurring campaigns).
+    pub fn scheduled(&self) -> String {
+        format!("{}:scheduled", self.prefix)
+    }
+
+    /// Hash: playbook name → the event its latest version enters on (`entry.event`).
+    pub fn entry_events(&self) -> String {
+        format!("{}:entries", self.prefix)
+    }
+
+    /// Set of the names of paused playbooks.
+    pub fn paused_playbooks(&self) -> String {
+        format!("{}:paused", self.prefix)
+    }
+
+    /// Hash: the contact-budget policy: `latest`, `digest`, `v<N>` (as for playbooks).
+    pub fn policy(&self) -> String {
+        format!("{}:policy", self.prefix)
+    }
+
+    /// Hash: progress of a recurring playbook's ticks (`last` tick handled, ms).
+    pub fn schedule_state(&self, name: &str) -> String {
+        format!("{}:schedule:{{{name}}}", self.prefix)
+    }
+
+    /// Hash: one tick of a recurring playbook, claimed by one scheduler at a time.
+    pub fn tick(&self, name: &str, tick_ms: i64) -> String {
+        format!("{}:tick:{{{name}}}:{tick_ms}", self.prefix)
+    }
+
+    /// Hash: the token bucket of a channel's rate limit, shared by every scheduler
+    /// (`tk` tokens, `ts` last refill ms, `bu` blocked until ms, `pu` rate halved until
+    /// ms). Tagged by the channel, so each bucket is one slot of its own.
+    pub fn rate_bucket(&self, channel: &str) -> String {
+        format!("{}:{{rl:{channel}}}:bucket", self.prefix)
+    }
+
     /// Hash tag prefix of every key of `partition`.
     fn partition(&self, partition: u16) -> String {
         format!("{}:{{p{partition}}}", self.prefix)
@@ -82,6 +119,62 @@ impl Keys {
         format!("{}:dead:", self.partition(partition))
     }
 
+    /// Set: ids of the partition's contacts that carry `tag` (audiences of schedules).
+    pub fn tag(&self, partition: u16, tag: &str) -> String {
+        format!("{}:tag:{tag}", self.partition(partition))
+    }
+
+    /// Prefix of the tag sets of a partition; the tag follows.
+    pub fn tag_prefix(&self, partition: u16) -> String {
+        format!("{}:tag:", self.partition(partition))
+    }
+
+    /// Prefix of per-contact hashes run id → wait_for registration; the contact id follows.
+    pub fn waits_prefix(&self, partition: u16) -> String {
+        format!("{}:waits:", self.partition(partition))
+    }
+
+    /// Prefix of per-contact hashes run id → goal event; the contact id follows.
+    pub fn goals_prefix(&self, partition: u16) -> String {
+        format!("{}:goals:", self.partition(partition))
+    }
+
+    /// Prefix of per-contact lists of recent events (`<ms> <name>`); the contact id follows.
+    pub fn events_prefix(&self, partition: u16) -> String {
+        format!("{}:ev:", self.partition(partition))
+    }
+
+    /// String: an event's request id (for one contact), expiring after a day.
+    pub fn event_request(&self, partition: u16, contact_id: &str, request_id: &str) -> String {
+        format!(
+            "{}:evreq:{}:{contact_id}:{request_id}",
+            self.partition(partition),
+            contact_id.len()
+        )
+    }
+
+    /// Prefix of per-contact sorted sets of counted sends (member `run.step`, score ms);
+    /// `<contact id>|<cap channel>` follows.
+    pub fn sent_prefix(&self, partition: u16) -> String {
+        format!("{}:sent:", self.partition(partition))
+    }
+
+    /// Prefix of the funnel counters (hash) of a playbook version in the partition;
+    /// `<playbook>:<version>` follows.
+    pub fn stats_prefix(&self, partition: u16) -> String {
+        format!("{}:stats:", self.partition(partition))
+    }
+
+    /// Sorted set: runs of a paused playbook whose step came due (score: when it was due).
+    pub fn paused_runs(&self, partition: u16, playbook: &str) -> String {
+        format!("{}:paused:{playbook}", self.partition(partition))
+    }
+
+    /// Prefix of the paused-run sets of a partition; the playbook name follows.
+    pub fn paused_runs_prefix(&self, partition: u16) -> String {
+        format!("{}:paused:", self.partition(partition))
+    }
+
     /// Sorted set: the dead-lettered runs of one playbook in one partition.
     pub fn dead_playbook(&self, partition: u16, playbook: &str) -> String {
         format!("{}{playbook}", self.dead_playbook_prefix(partition))
@@ -111,6 +204,14 @@ mod tests {
             keys.enroll_request(p, "req"),
             keys.dead(p),
             keys.dead_playbook(p, "welcome"),
+            keys.tag(p, "paid"),
+            format!("{}c1", keys.waits_prefix(p)),
+            format!("{}c1", keys.goals_prefix(p)),
+            format!("{}c1", keys.events_prefix(p)),
+            keys.event_request(p, "c1", "r1"),
+            format!("{}c1|*", keys.sent_prefix(p)),
+            format!("{}welcome:1", keys.stats_prefix(p)),
+            keys.paused_runs(p, "welcome"),
         ];
         for key in &all {
             assert_eq!(hash_tag(key), "p17", "{key}");
@@ -122,5 +223,12 @@ mod tests {
         let keys = Keys::new("tp");
         assert_eq!(hash_tag(&keys.playbook("welcome")), "welcome");
         assert_eq!(hash_tag(&keys.playbook_runs("welcome")), "welcome");
+    }
+
+    #[test]
+    fn a_rate_bucket_is_tagged_by_its_channel() {
+        let keys = Keys::new("tp");
+        assert_eq!(keys.rate_bucket("wecom"), "tp:{rl:wecom}:bucket");
+        assert_eq!(hash_tag(&keys.rate_bucket("wecom")), "rl:wecom");
     }
 }

@@ -3,20 +3,31 @@
 //! Multi-key decisions are Lua scripts (`lua/*.lua`, one per operation) on keys of one
 //! partition, so they are atomic and Redis-Cluster-legal. See [`keys`] for the layout.
 
+mod budget;
 mod contact;
 mod dead_letters;
+mod events;
 pub mod keys;
+mod rate;
+mod schedules;
 
 use std::collections::BTreeMap;
 
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use serde::{Deserialize, Serialize};
 
+pub use budget::{CapCheck, Send, Spent};
 pub use contact::ContactRecord;
 pub use dead_letters::{DeadLetterCursor, DeadLetterEntry, Retried};
+pub use events::{ContactChange, RecordedEvent};
 pub use keys::Keys;
+pub use rate::{Rate, Taken};
+pub use schedules::{AudiencePage, ScheduleState, TickClaim, TickCounts, TickProgress};
 
-use crate::run::{RunStatus, TimelineEntry, partition_of_run};
+use crate::{
+    playbook::Reentry,
+    run::{RunStatus, TimelineEntry, partition_of_run},
+};
 
 /// Redis errors, as the API reports them.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +60,13 @@ struct Scripts {
     extend: Script,
     cancel: Script,
     retry_dead: Script,
+    event: Script,
+    spend: Script,
+    resume: Script,
+    upsert_contact: Script,
+    rate_take: Script,
+    rate_penalize: Script,
+    progress: Script,
 }
 
 impl Scripts {
@@ -61,6 +79,13 @@ impl Scripts {
             extend: Script::new(include_str!("lua/extend.lua")),
             cancel: Script::new(include_str!("lua/cancel.lua")),
             retry_dead: Script::new(include_str!("lua/retry_dead.lua")),
+            event: Script::new(include_str!("lua/event.lua")),
+            spend: Script::new(include_str!("lua/spend.lua")),
+            resume: Script::new(include_str!("lua/resume.lua")),
+            upsert_contact: Script::new(include_str!("lua/upsert_contact.lua")),
+            rate_take: Script::new(include_str!("lua/rate_take.lua")),
+            rate_penalize: Script::new(include_str!("lua/rate_penalize.lua")),
+            progress: Script::new(include_str!("lua/progress.lua")),
         }
     }
 }
@@ -112,6 +137,32 @@ pub struct NewRun {
     pub now_ms: i64,
     pub traceparent: String,
     pub request_id: Option<String>,
+    pub reentry: Reentry,
+    /// The playbook's goal event: the run ends, converted, when the contact records it.
+    pub goal: Option<String>,
+    /// The event that started the run (`event` in templates), as JSON.
+    pub trigger: Option<String>,
+}
+
+/// What an enrollment did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enrolled {
+    /// A new run.
+    Started(String),
+    /// The request id had started this run before.
+    Replayed(String),
+    /// The playbook's reentry rule refused a new run: why, and the contact's last run.
+    Refused { reason: String, last_run: String },
+}
+
+impl Enrolled {
+    /// The run started or found (the last run, when refused).
+    pub fn run_id(&self) -> &str {
+        match self {
+            Self::Started(id) | Self::Replayed(id) => id,
+            Self::Refused { last_run, .. } => last_run,
+        }
+    }
 }
 
 /// A run whose step came due, now leased to this scheduler.
@@ -127,6 +178,13 @@ pub struct ClaimedRun {
     pub attempt: u32,
     pub traceparent: String,
     pub due_ms: i64,
+    /// The step whose `wait_until` / `wait_for` is scheduled (its second claim ends it).
+    pub waiting_step: Option<usize>,
+    pub created_ms: i64,
+    /// The event that started or last woke the run, as JSON (`event` in templates).
+    pub trigger: Option<String>,
+    /// What an earlier attempt of this step saved with TaskProgress (empty when none).
+    pub resume_state: String,
 }
 
 /// One claim call's result.
@@ -152,6 +210,66 @@ pub enum Op {
     },
     /// End the run at step `index`.
     Finish { index: usize, status: RunStatus },
+    /// Keep the run at its step (a `wait_until` or `wait_for` now waiting) until
+    /// `due_ms`; a `wait_for` also registers for its event (see [`WaitRegistration`]).
+    Hold {
+        due_ms: i64,
+        wait: Option<WaitRegistration>,
+    },
+    /// Put a run of a paused playbook aside, keeping when its step came due.
+    Park { due_ms: i64 },
+}
+
+/// A `wait_for` registering for its event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitRegistration {
+    pub event: String,
+    /// Where the run goes when the event comes: step `index` after `delay_ms`, or the
+    /// end of the run (completed).
+    pub then: AfterEvent,
+    /// The timeline line of the wait_for when its event already came.
+    pub matched_entry: TimelineEntry,
+}
+
+/// Where a run in a `wait_for` goes when its event comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterEvent {
+    Step { index: usize, delay_ms: i64 },
+    Complete { index: usize },
+}
+
+impl AfterEvent {
+    /// "<op> <index> <delay ms>", as the scripts store it.
+    fn packed(self) -> String {
+        match self {
+            Self::Step { index, delay_ms } => format!("next {index} {delay_ms}"),
+            Self::Complete { index } => format!("finish {index} 0"),
+        }
+    }
+}
+
+/// A funnel counter of a step (see `GetStats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stat {
+    Done,
+    Skipped,
+    Capped,
+    Deferred,
+    Failed,
+    TimedOut,
+}
+
+impl Stat {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Skipped => "skipped",
+            Self::Capped => "capped",
+            Self::Deferred => "deferred",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+        }
+    }
 }
 
 /// An outcome for a leased run, applied under its fencing token.
@@ -162,6 +280,10 @@ pub struct Completion {
     pub op: Op,
     pub detail: String,
     pub entry: Option<TimelineEntry>,
+    /// The funnel counter this outcome bumps for the step it leaves or holds.
+    pub stat: Option<Stat>,
+    /// The run leaves a `wait_for` (its registration goes).
+    pub unwait: bool,
 }
 
 /// A run as stored.
@@ -184,6 +306,8 @@ pub struct RunRecord {
     pub leased: bool,
     /// The fencing token of the current (or last) lease.
     pub fence: u64,
+    /// The step whose `wait_until` / `wait_for` is waiting (see [`ClaimedRun`]).
+    pub waiting_step: Option<usize>,
 }
 
 impl Store {
@@ -272,26 +396,40 @@ impl Store {
         stored: &StoredPlaybook,
         dry_run: bool,
     ) -> Result<Applied> {
+        let applied = self
+            .apply_versioned(&self.keys.playbook(name), digest, stored, dry_run)
+            .await?;
+        if let Applied::Created(_) = applied {
+            let mut conn = self.conn.clone();
+            let _: () = conn.sadd(self.keys.playbook_names(), name).await?;
+        }
+        Ok(applied)
+    }
+
+    /// Stores the next version in a versioned hash (`latest`, `digest`, `v<N>`).
+    async fn apply_versioned(
+        &self,
+        key: &str,
+        digest: &str,
+        stored: &StoredPlaybook,
+        dry_run: bool,
+    ) -> Result<Applied> {
         let mut conn = self.conn.clone();
         let record = serde_json::to_string(stored).map_err(|e| Error::Protocol(e.to_string()))?;
         let (status, version): (u8, u32) = self
             .scripts
             .apply_playbook
-            .key(self.keys.playbook(name))
+            .key(key)
             .arg(digest)
             .arg(record)
             .arg(if dry_run { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await?;
-        let applied = match status {
+        Ok(match status {
             0 => Applied::Unchanged(version),
             1 => Applied::Created(version),
             _ => Applied::WouldCreate(version),
-        };
-        if let Applied::Created(_) = applied {
-            let _: () = conn.sadd(self.keys.playbook_names(), name).await?;
-        }
-        Ok(applied)
+        })
     }
 
     /// One version of a playbook (`None`: the latest) and the latest version number.
@@ -324,11 +462,12 @@ impl Store {
         Ok(names)
     }
 
-    /// Starts a run (or finds the one its request id already started): `(run id, created)`.
-    pub async fn enroll(&self, run: &NewRun) -> Result<(String, bool)> {
+    /// Starts a run, or finds the one its request id already started, or is refused by
+    /// the playbook's reentry rule.
+    pub async fn enroll(&self, run: &NewRun) -> Result<Enrolled> {
         let mut conn = self.conn.clone();
         let p = run.partition;
-        let run_fields: Vec<(&str, String)> = vec![
+        let mut run_fields: Vec<(&str, String)> = vec![
             ("st", RunStatus::Active.as_str().to_owned()),
             ("pb", run.playbook.clone()),
             ("v", run.version.to_string()),
@@ -341,6 +480,12 @@ impl Store {
             ("ua", run.now_ms.to_string()),
             ("tp", run.traceparent.clone()),
         ];
+        if run.goal.is_some() {
+            run_fields.push(("g", "1".to_owned()));
+        }
+        if let Some(trigger) = &run.trigger {
+            run_fields.push(("ev", trigger.clone()));
+        }
         let mut invocation = self.scripts.enroll.prepare_invoke();
         invocation
             .key(format!("{}{}", self.keys.run_prefix(p), run.run_id))
@@ -349,24 +494,74 @@ impl Store {
         if let Some(request_id) = &run.request_id {
             invocation.key(self.keys.enroll_request(p, request_id));
         }
+        let reentry = match run.reentry {
+            Reentry::Never => "never".to_owned(),
+            Reentry::Always => "always".to_owned(),
+            Reentry::After(wait) => wait.as_millis().to_string(),
+        };
+        let goals = match &run.goal {
+            Some(_) => format!("{}{}", self.keys.goals_prefix(p), run.contact.id),
+            None => String::new(),
+        };
         invocation
             .arg(&run.run_id)
             .arg(run.due_ms)
             .arg(REQUEST_ID_TTL_SECS)
+            .arg(run.now_ms)
+            .arg(&run.playbook)
+            .arg(reentry)
+            .arg(goals)
+            .arg(run.goal.as_deref().unwrap_or_default())
+            .arg(self.stats_key(p, &run.playbook, run.version))
+            .arg(run.first_step)
+            .arg(self.keys.tag_prefix(p))
+            .arg(&run.contact.id)
+            .arg(run.contact.tags.len())
             .arg(run_fields.len());
+        for tag in &run.contact.tags {
+            invocation.arg(tag);
+        }
         for (field, value) in &run_fields {
             invocation.arg(*field).arg(value);
         }
         for (field, value) in run.contact.to_fields() {
             invocation.arg(field).arg(value);
         }
-        let (created, run_id): (u8, String) = invocation.invoke_async(&mut conn).await?;
-        if created == 1 {
-            let _: () = conn
-                .zadd(self.keys.playbook_runs(&run.playbook), &run_id, 0)
-                .await?;
+        let (code, run_id, detail): (u8, String, String) =
+            timed("enroll", invocation.invoke_async(&mut conn)).await?;
+        Ok(match code {
+            1 => {
+                let _: () = conn
+                    .zadd(self.keys.playbook_runs(&run.playbook), &run_id, 0)
+                    .await?;
+                Enrolled::Started(run_id)
+            }
+            0 => Enrolled::Replayed(run_id),
+            _ => Enrolled::Refused {
+                reason: detail,
+                last_run: run_id,
+            },
+        })
+    }
+
+    /// The funnel counters of one playbook version in one partition.
+    fn stats_key(&self, partition: u16, playbook: &str, version: u32) -> String {
+        format!("{}{playbook}:{version}", self.keys.stats_prefix(partition))
+    }
+
+    /// Steps due by `now_ms` (not leased) and runs in the dead-letter lists, over every
+    /// partition: one pipelined round trip.
+    pub async fn backlog(&self, now_ms: i64) -> Result<(u64, u64)> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for partition in 0..self.partitions {
+            pipe.zcount(self.keys.due(partition), "-inf", now_ms)
+                .zcard(self.keys.dead(partition));
         }
-        Ok((run_id, created == 1))
+        let counts: Vec<u64> = timed("backlog", pipe.query_async(&mut conn)).await?;
+        let due = counts.iter().step_by(2).sum();
+        let dead = counts.iter().skip(1).step_by(2).sum();
+        Ok((due, dead))
     }
 
     /// Claims up to `limit` due steps of `partition` under leases of `lease_ms`.
@@ -378,18 +573,16 @@ impl Store {
         lease_ms: u64,
     ) -> Result<Claim> {
         let mut conn = self.conn.clone();
-        let value: redis::Value = self
-            .scripts
-            .claim
+        let mut invocation = self.scripts.claim.prepare_invoke();
+        invocation
             .key(self.keys.due(partition))
             .key(self.keys.lease(partition))
             .arg(now_ms)
             .arg(limit)
             .arg(lease_ms)
             .arg(self.keys.run_prefix(partition))
-            .arg(self.keys.contact_prefix(partition))
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(self.keys.contact_prefix(partition));
+        let value: redis::Value = timed("claim", invocation.invoke_async(&mut conn)).await?;
         parse_claim(partition, value)
     }
 
@@ -412,8 +605,21 @@ impl Store {
             .arg(self.keys.run_prefix(partition))
             .arg(now_ms)
             .arg(self.retention_secs)
-            .arg(self.keys.dead_playbook_prefix(partition));
+            .arg(self.keys.dead_playbook_prefix(partition))
+            .arg(self.keys.stats_prefix(partition))
+            .arg(self.keys.waits_prefix(partition))
+            .arg(self.keys.goals_prefix(partition))
+            .arg(self.keys.events_prefix(partition))
+            .arg(self.keys.paused_runs_prefix(partition));
         for completion in completions {
+            let mut wait_event = "";
+            let mut then = String::new();
+            let mut line = completion
+                .entry
+                .as_ref()
+                .map(TimelineEntry::to_line)
+                .unwrap_or_default();
+            // 'hold' and 'park' keep the step index the run is at.
             let (op, index, due_ms, attempt, status) = match &completion.op {
                 Op::Next { index, due_ms } => ("next", *index, *due_ms, 1, ""),
                 Op::Retry {
@@ -422,6 +628,15 @@ impl Store {
                     attempt,
                 } => ("retry", *index, *due_ms, *attempt, ""),
                 Op::Finish { index, status } => ("finish", *index, 0, 0, status.as_str()),
+                Op::Hold { due_ms, wait } => {
+                    if let Some(wait) = wait {
+                        wait_event = &wait.event;
+                        then = wait.then.packed();
+                        line = wait.matched_entry.to_line();
+                    }
+                    ("hold", 0, *due_ms, 1, "")
+                }
+                Op::Park { due_ms } => ("park", 0, *due_ms, 1, ""),
             };
             invocation
                 .arg(&completion.run_id)
@@ -432,16 +647,15 @@ impl Store {
                 .arg(attempt)
                 .arg(status)
                 .arg(&completion.detail)
-                .arg(
-                    completion
-                        .entry
-                        .as_ref()
-                        .map(TimelineEntry::to_line)
-                        .unwrap_or_default(),
-                )
-                .arg(if completion.dead_letters() { "1" } else { "" });
+                .arg(line)
+                .arg(if completion.dead_letters() { "1" } else { "" })
+                .arg(completion.stat.map(Stat::as_str).unwrap_or_default())
+                .arg(if completion.unwait { "1" } else { "" })
+                .arg(wait_event)
+                .arg(then);
         }
-        let (applied, stale): (u64, u64) = invocation.invoke_async(&mut conn).await?;
+        let (applied, stale): (u64, u64) =
+            timed("complete", invocation.invoke_async(&mut conn)).await?;
         Ok((applied, stale))
     }
 
@@ -469,12 +683,48 @@ impl Store {
         for (run_id, fence) in tasks {
             invocation.arg(run_id).arg(*fence);
         }
-        let extended: Vec<String> = invocation.invoke_async(&mut conn).await?;
+        let extended: Vec<String> = timed("extend", invocation.invoke_async(&mut conn)).await?;
         Ok(extended)
     }
 
-    /// Cancels an active run; false when it is missing or already finished.
-    pub async fn cancel(&self, run_id: &str, now_ms: i64, entry: &TimelineEntry) -> Result<bool> {
+    /// Records a worker's progress on a leased step (TaskProgress): `detail` as the run's
+    /// detail and `state` as the step's resume state (empty: each left as it is), only
+    /// while the run is leased under `fence` and the lease has not run out. Returns
+    /// whether it was recorded.
+    pub async fn progress(
+        &self,
+        partition: u16,
+        now_ms: i64,
+        run_id: &str,
+        fence: u64,
+        detail: &str,
+        state: &str,
+    ) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let recorded: u8 = self
+            .scripts
+            .progress
+            .key(self.keys.lease(partition))
+            .arg(self.keys.run_prefix(partition))
+            .arg(now_ms)
+            .arg(run_id)
+            .arg(fence)
+            .arg(detail)
+            .arg(state)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(recorded == 1)
+    }
+
+    /// Cancels an active run (only while it is at step `at_step`, when given); false
+    /// when it is missing, already finished, or at another step.
+    pub async fn cancel(
+        &self,
+        run_id: &str,
+        now_ms: i64,
+        entry: &TimelineEntry,
+        at_step: Option<usize>,
+    ) -> Result<bool> {
         let Some(p) = partition_of_run(run_id, self.partitions) else {
             return Ok(false);
         };
@@ -489,6 +739,11 @@ impl Store {
             .arg(now_ms)
             .arg(self.retention_secs)
             .arg(entry.to_line())
+            .arg(self.keys.paused_runs_prefix(p))
+            .arg(self.keys.waits_prefix(p))
+            .arg(self.keys.goals_prefix(p))
+            .arg(self.keys.stats_prefix(p))
+            .arg(at_step.map(|i| i.to_string()).unwrap_or_default())
             .invoke_async(&mut conn)
             .await?;
         Ok(cancelled == 1)
@@ -595,6 +850,7 @@ fn parse_claim(partition: u16, value: redis::Value) -> Result<Claim> {
             Option<String>,
             Option<i64>,
             Vec<String>,
+            (String, String, String, String),
         );
         let (
             run_id,
@@ -607,6 +863,7 @@ fn parse_claim(partition: u16, value: redis::Value) -> Result<Claim> {
             traceparent,
             due_ms,
             contact,
+            (waiting_step, created_ms, trigger, resume_state),
         ): Row = redis::from_redis_value(entry)?;
         runs.push(ClaimedRun {
             run_id,
@@ -625,6 +882,10 @@ fn parse_claim(partition: u16, value: redis::Value) -> Result<Claim> {
             attempt,
             traceparent: traceparent.unwrap_or_default(),
             due_ms: due_ms.unwrap_or_default(),
+            waiting_step: waiting_step.parse().ok(),
+            created_ms: created_ms.parse().unwrap_or_default(),
+            trigger: (!trigger.is_empty()).then_some(trigger),
+            resume_state,
         });
     }
     let score = |text: String| text.parse::<f64>().ok().map(|ms| ms as i64);
@@ -672,5 +933,26 @@ fn run_record(
         timeline,
         leased,
         fence: u64::try_from(number("f")).unwrap_or_default(),
+        waiting_step: fields.get("ws").and_then(|v| v.parse().ok()),
     }))
+}
+
+/// Runs one Redis call, recording its latency and failures by `command` (the script's
+/// name) in `touchpoint_scheduler_redis_command_duration_seconds` / `_errors_total`.
+async fn timed<T>(
+    command: &'static str,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    use touchpoint_proto::metrics::{CommandLabels, metrics};
+    let started = std::time::Instant::now();
+    let result = call.await;
+    let m = &metrics().scheduler;
+    let labels = CommandLabels { command };
+    m.redis_command_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        m.redis_errors.get_or_create(&labels).inc();
+    }
+    result
 }

@@ -4,12 +4,12 @@
 //!
 //! Logs go to stderr (`RUST_LOG`, default `info`).
 
-use std::{ffi::OsString, io::IsTerminal, process::ExitCode};
+use std::{ffi::OsString, process::ExitCode};
 
 use clap::Parser;
+use touchpoint_proto::telemetry::Telemetry;
 use touchpoint_scheduler::SchedulerArgs;
 use touchpoint_worker::WorkerArgs;
-use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "usage: touchpoint-node scheduler|worker [FLAGS...]";
 
@@ -27,13 +27,6 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
 
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     // Already installed is fine.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
@@ -46,10 +39,20 @@ fn main() -> ExitCode {
     };
     let result = if role == "scheduler" {
         let args = SchedulerArgs::parse_from(args);
-        runtime.block_on(touchpoint_scheduler::main_with_args(args))
+        runtime.block_on(async {
+            let telemetry = Telemetry::init("touchpoint-scheduler", args.telemetry.log_format);
+            let result = touchpoint_scheduler::main_with_args(args).await;
+            telemetry.shutdown();
+            result
+        })
     } else {
         let args = WorkerArgs::parse_from(args);
-        runtime.block_on(touchpoint_worker::main_with_args(args))
+        runtime.block_on(async {
+            let telemetry = Telemetry::init("touchpoint-worker", args.telemetry.log_format);
+            let result = touchpoint_worker::main_with_args(args).await;
+            telemetry.shutdown();
+            result
+        })
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

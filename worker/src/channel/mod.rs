@@ -4,12 +4,17 @@
 //! [`ChannelAdapter`] the [`Registry`] holds under the task's channel name. An adapter
 //! answers [`Delivered`] or an [`Error`] that says whether another attempt may succeed.
 
+pub mod grpc;
 pub mod log;
 mod registry;
+pub mod sms;
+pub mod smtp;
 pub mod webhook;
+pub mod wecom;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -46,6 +51,62 @@ pub struct Delivery {
     pub traceparent: String,
     /// When the scheduler stops waiting for this attempt's outcome; `None` when unknown.
     pub deadline: Option<SystemTime>,
+    /// After this the step must not be delivered at all (answer [`Error::Skipped`]);
+    /// `None` when the step has no `deadline`.
+    pub step_deadline: Option<SystemTime>,
+    /// What an earlier attempt of this step saved through [`Progress::report`]; empty
+    /// when none. An adapter resumes from it instead of starting over.
+    pub resume_state: String,
+    /// Reports how a long delivery is going, and saves state for a later attempt.
+    pub progress: Progress,
+}
+
+impl Delivery {
+    /// Whether the step's deadline has passed (so it must not be sent).
+    pub fn past_step_deadline(&self) -> bool {
+        self.step_deadline
+            .is_some_and(|deadline| SystemTime::now() >= deadline)
+    }
+}
+
+/// Where an adapter reports progress of a long delivery: the detail shows in the run's
+/// step (e.g. `awaiting_confirmation`) and `state` reaches the next attempt as
+/// [`Delivery::resume_state`]. Best effort: dropped while the scheduler link is down.
+#[derive(Clone, Default)]
+pub struct Progress {
+    report: Option<Arc<ReportFn>>,
+}
+
+/// `report(detail, state)`.
+type ReportFn = dyn Fn(&str, &str) + Send + Sync;
+
+impl Progress {
+    /// A sink that hands each report to `report(detail, state)`.
+    pub fn new(report: impl Fn(&str, &str) + Send + Sync + 'static) -> Self {
+        Self {
+            report: Some(Arc::new(report)),
+        }
+    }
+
+    /// Reports `detail` (PII-free, for the timeline) and `state` (opaque to the scheduler).
+    pub fn report(&self, detail: &str, state: &str) {
+        if let Some(report) = &self.report {
+            report(detail, state);
+        }
+    }
+}
+
+impl fmt::Debug for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Progress")
+    }
+}
+
+// Every sink is alike as far as a delivery's identity goes.
+impl PartialEq for Progress {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 // Hand-written so that a `?delivery` in a log line never prints the message or the contact.
@@ -113,11 +174,20 @@ pub enum Error {
         detail: String,
         /// How long the receiver asked us to wait, if it did.
         retry_after: Option<Duration>,
+        /// The provider said slow down (HTTP 429, a rate-limit errcode): the schedulers
+        /// slow the channel down for every worker.
+        rate_limited: bool,
     },
     /// Will never succeed (a 4xx, an unknown channel): the step fails now.
     #[error("{detail}")]
     Permanent {
         /// Short description, e.g. `HTTP 400: missing field`.
+        detail: String,
+    },
+    /// Not sent on purpose (past the step's deadline): the run goes on without it.
+    #[error("{detail}")]
+    Skipped {
+        /// Why, e.g. `deadline passed`.
         detail: String,
     },
 }
@@ -128,7 +198,35 @@ impl Error {
         Self::Retryable {
             detail: detail.into(),
             retry_after: None,
+            rate_limited: false,
         }
+    }
+
+    /// The provider asked us to slow down, for `retry_after` when it said.
+    pub fn rate_limited(detail: impl Into<String>, retry_after: Option<Duration>) -> Self {
+        Self::Retryable {
+            detail: detail.into(),
+            retry_after,
+            rate_limited: true,
+        }
+    }
+
+    /// A step not sent on purpose.
+    pub fn skipped(detail: impl Into<String>) -> Self {
+        Self::Skipped {
+            detail: detail.into(),
+        }
+    }
+
+    /// Whether the provider asked us to slow down.
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(
+            self,
+            Self::Retryable {
+                rate_limited: true,
+                ..
+            }
+        )
     }
 
     /// A failure that no retry will fix.
@@ -147,16 +245,36 @@ impl Error {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Retryable { retry_after, .. } => *retry_after,
-            Self::Permanent { .. } => None,
+            Self::Permanent { .. } | Self::Skipped { .. } => None,
         }
     }
 
     /// The description that goes into the run timeline.
     pub fn detail(&self) -> &str {
         match self {
-            Self::Retryable { detail, .. } | Self::Permanent { detail } => detail,
+            Self::Retryable { detail, .. }
+            | Self::Permanent { detail }
+            | Self::Skipped { detail } => detail,
         }
     }
+}
+
+/// The client span of an adapter's outbound HTTP call (OpenTelemetry HTTP semantic
+/// conventions; the URL's path and query stay out: they may carry tokens). Adapters
+/// continue the delivery's trace with it and send its traceparent where the provider
+/// takes one; record `http.response.status_code` when the answer comes.
+pub fn http_client_span(method: &'static str, url: &reqwest::Url) -> tracing::Span {
+    tracing::info_span!(
+        "http",
+        otel.name = method,
+        otel.kind = "client",
+        http.request.method = method,
+        server.address = url.host_str().unwrap_or_default(),
+        server.port = url.port_or_known_default().unwrap_or_default(),
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    )
 }
 
 /// Delivers steps through one kind of channel (webhook, log, ...).
@@ -196,6 +314,9 @@ pub(crate) mod tests {
             idempotency_key: "run-1:coupon".to_owned(),
             traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
             deadline: None,
+            step_deadline: None,
+            resume_state: String::new(),
+            progress: Progress::default(),
         }
     }
 
@@ -213,6 +334,7 @@ pub(crate) mod tests {
         let busy = Error::Retryable {
             detail: "HTTP 503".to_owned(),
             retry_after: Some(Duration::from_secs(7)),
+            rate_limited: false,
         };
         assert!(busy.is_retryable());
         assert_eq!(busy.retry_after(), Some(Duration::from_secs(7)));

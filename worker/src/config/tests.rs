@@ -16,7 +16,23 @@ fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
 }
 
 fn parse(text: &str) -> Result<WorkerConfig, Error> {
-    WorkerConfig::from_toml(text, env(&[("CRM_WEBHOOK_SECRET", SECRET)]))
+    WorkerConfig::from_toml(
+        text,
+        env(&[
+            ("CRM_WEBHOOK_SECRET", SECRET),
+            // examples/worker.toml's sms and smtp channels.
+            ("ALIYUN_ACCESS_KEY_SECRET", "aliyun-secret"),
+            ("SMS_GATEWAY_TOKEN", "gateway-token"),
+            ("SMTP_PASSWORD", "smtp-password"),
+            // examples/worker.toml's wecom channel.
+            ("WECOM_CORP_SECRET", "corp-secret"),
+            ("WECOM_CALLBACK_TOKEN", "QDG6eK"),
+            (
+                "WECOM_ENCODING_AES_KEY",
+                "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C",
+            ),
+        ]),
+    )
 }
 
 fn error(text: &str) -> String {
@@ -163,11 +179,11 @@ fn every_error_names_the_field_and_what_was_expected() {
         ("[[channel]]\nkind = \"log\"", "channel[0].name: required"),
         (
             "[[channel]]\nname = \"c\"",
-            "channel[0].kind: required (supported: log, webhook)",
+            "channel[0].kind: required (supported: log, webhook, sms, smtp, grpc, wecom)",
         ),
         (
-            "[[channel]]\nname = \"c\"\nkind = \"smtp\"",
-            "channel[0].kind: unsupported kind \"smtp\" (supported: log, webhook)",
+            "[[channel]]\nname = \"c\"\nkind = \"fax\"",
+            "channel[0].kind: unsupported kind \"fax\" (supported: log, webhook, sms, smtp, grpc, wecom)",
         ),
         (
             "[[channel]]\nname = \"a\"\nkind = \"log\"\n[[channel]]\nname = \"b\"\nkind = \"webhook\"",
@@ -271,6 +287,72 @@ fn a_channel_may_set_retry_defaults() {
     ] {
         let message = error(&format!(
             "[[channel]]\nname = \"c\"\nkind = \"log\"\n{text}\n"
+        ));
+        assert!(message.starts_with(expected), "{text}: {message}");
+    }
+}
+
+#[test]
+fn a_channel_may_set_a_rate_and_burst() {
+    let config = parse(
+        "[[channel]]\nname = \"a\"\nkind = \"log\"\nrate = \"600/min\"\n\
+         [[channel]]\nname = \"b\"\nkind = \"log\"\nrate = \"5/s\"\nburst = 20\n\
+         [[channel]]\nname = \"c\"\nkind = \"log\"\nrate = \"90/h\"\n\
+         [[channel]]\nname = \"d\"\nkind = \"log\"\n",
+    )
+    .unwrap();
+    let rates: Vec<Option<ChannelRate>> = config.channels.iter().map(|c| c.rate).collect();
+    assert_eq!(
+        rates,
+        vec![
+            // The default burst is one second's worth...
+            Some(ChannelRate {
+                per_second: 10.0,
+                burst: 10
+            }),
+            Some(ChannelRate {
+                per_second: 5.0,
+                burst: 20
+            }),
+            // ... and at least 1.
+            Some(ChannelRate {
+                per_second: 0.025,
+                burst: 1
+            }),
+            None,
+        ]
+    );
+}
+
+#[test]
+fn a_bad_rate_or_burst_is_refused_naming_the_field() {
+    for (text, expected) in [
+        (
+            "rate = \"fast\"",
+            "channel[1].rate: expected \"<count>/<s|min|h>\", got \"fast\"",
+        ),
+        (
+            "rate = \"10/day\"",
+            "channel[1].rate: expected \"<count>/<s|min|h>\", got \"10/day\"",
+        ),
+        (
+            "rate = \"-1/s\"",
+            "channel[1].rate: expected \"<count>/<s|min|h>\", got \"-1/s\"",
+        ),
+        (
+            "rate = \"0/min\"",
+            "channel[1].rate: expected at least 1, got \"0/min\"",
+        ),
+        (
+            "rate = \"5/s\"\nburst = 0",
+            "channel[1].burst: expected at least 1, got 0",
+        ),
+        ("burst = 5", "channel[1].burst: needs a rate"),
+        ("rate = 5", "channel[1].rate"),
+    ] {
+        let message = error(&format!(
+            "[[channel]]\nname = \"ok\"\nkind = \"log\"\n\
+             [[channel]]\nname = \"c\"\nkind = \"log\"\n{text}\n"
         ));
         assert!(message.starts_with(expected), "{text}: {message}");
     }

@@ -5,7 +5,9 @@
 -- ARGV[1] now ms, ARGV[2] limit, ARGV[3] lease ms, ARGV[4] run key prefix, ARGV[5] contact key prefix
 -- Returns {claimed, expired count, next due ms or '', next lease deadline or ''};
 -- each claimed entry is {run id, fence, playbook, version, contact id, step index,
--- attempt, traceparent, due ms, contact field/value list}.
+-- attempt, traceparent, due ms, contact field/value list, {waiting step ('ws': the
+-- step a wait_until / wait_for was scheduled at, or ''), created ms, trigger event JSON,
+-- resume state ('rs': what an earlier attempt of the step saved with TaskProgress, or '')}}.
 local now = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local deadline = now + tonumber(ARGV[3])
@@ -27,12 +29,13 @@ local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local claimed = {}
 for _, id in ipairs(ids) do
   local key = runs .. id
-  local run = redis.call('HMGET', key, 'st', 'pb', 'v', 'c', 'i', 'a', 'tp', 'due')
+  local run = redis.call('HMGET', key, 'st', 'pb', 'v', 'c', 'i', 'a', 'tp', 'due', 'ws', 'ca', 'ev', 'rs')
   if run[1] == 'active' then
     local fence = redis.call('HINCRBY', key, 'f', 1)
     redis.call('ZADD', KEYS[2], deadline, id)
     local contact = redis.call('HGETALL', ARGV[5] .. run[4])
-    claimed[#claimed + 1] = {id, fence, run[2], run[3], run[4], run[5], run[6], run[7], run[8], contact}
+    claimed[#claimed + 1] = {id, fence, run[2], run[3], run[4], run[5], run[6], run[7], run[8], contact,
+      {run[9] or '', run[10] or '0', run[11] or '', run[12] or ''}}
   end
 end
 if #ids > 0 then

@@ -5,50 +5,142 @@
 -- that re-attached may report a result twice).
 -- KEYS[1] due set, KEYS[2] lease set, KEYS[3] dead-letter set
 -- ARGV[1] run key prefix, ARGV[2] now ms, ARGV[3] retention of finished runs (s),
--- ARGV[4] prefix of the per-playbook dead-letter sets,
--- then per outcome 10 values: run id, fence, op ('next' | 'retry' | 'finish'),
---   step index, due ms, attempt, run status (for 'finish'), detail, timeline line ('' for none),
---   dead letter ('1': the run failed at an action step and waits in the dead-letter list).
--- 'next' and 'retry' schedule step `index` at `due` with `attempt`; 'finish' ends the run
--- and sets its expiry, except for a dead letter, which is kept (no expiry) until retried.
+-- ARGV[4] prefix of the per-playbook dead-letter sets, ARGV[5] stats prefix,
+-- ARGV[6] waits prefix, ARGV[7] goals prefix, ARGV[8] event lookback prefix,
+-- ARGV[9] paused-runs prefix,
+-- then per outcome 14 values:
+--   id, fence, op, index, due, attempt, status, detail, timeline line, dead ('1'),
+--   stat (funnel counter of the step being left or held: done, skipped, capped, failed,
+--   timed_out, deferred, or ''), unwait ('1': the run leaves a wait_for),
+--   wait event ('' for none), and where the run goes when that event comes, packed as
+--   "<op> <index> <delay ms>" (op 'next' or 'finish'; due = the event's time + delay).
+-- ops: 'next' / 'retry' schedule step `index` at `due` with `attempt`; 'finish' ends the
+-- run with `status` and sets its expiry, except for a dead letter, which is kept until
+-- retried; 'hold' keeps the run at its step (a wait_until or wait_for now waiting),
+-- due at `due`, recording the step in `ws`; with a wait event it registers the run as
+-- waiting for it, unless the contact's lookback already holds that event since the run
+-- started: then the run goes on at once by the matched op, with `timeline line`;
+-- 'park' moves a run of a paused playbook aside, keeping its due time.
+-- The step's resume state (`rs`, saved by TaskProgress) goes when the run leaves the
+-- step ('next', 'finish'); a 'retry' keeps it for the next attempt.
 -- Returns {applied, stale}.
-local runs, now, retention, dead_by_playbook = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local runs, now, retention = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local dead_by_playbook, stats_prefix = ARGV[4], ARGV[5]
+local waits_prefix, goals_prefix, events_prefix, paused_prefix = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local applied, stale = 0, 0
 local released = {}
 local seen = {}
-for i = 5, #ARGV, 10 do
+local counts = {}
+local function count(key, field)
+  local fields = counts[key]
+  if not fields then
+    fields = {}
+    counts[key] = fields
+  end
+  fields[field] = (fields[field] or 0) + 1
+end
+local function append(timeline, line)
+  if line == '' then
+    return nil
+  end
+  if timeline then
+    return timeline .. '\n' .. line
+  end
+  return line
+end
+local function finish(key, id, run, status, fields, dead)
+  fields[#fields + 1] = 'st'
+  fields[#fields + 1] = status
+  redis.call('HSET', key, unpack(fields))
+  if dead then
+    redis.call('ZADD', KEYS[3], now, id)
+    redis.call('ZADD', dead_by_playbook .. (run[3] or ''), now, id)
+  else
+    redis.call('EXPIRE', key, retention)
+  end
+  if run[7] == '1' then
+    redis.call('HDEL', goals_prefix .. run[5], id)
+  end
+  count(stats_prefix .. run[3] .. ':' .. run[4], 'runs:' .. status)
+end
+for i = 10, #ARGV, 14 do
   local id = ARGV[i]
   local key = runs .. id
-  local current = redis.call('HMGET', key, 'f', 't', 'pb')
-  if not seen[id] and redis.call('ZSCORE', KEYS[2], id) and current[1] == ARGV[i + 1] then
+  -- f, t, pb, v, c, i, g, ca, rs
+  local run = redis.call('HMGET', key, 'f', 't', 'pb', 'v', 'c', 'i', 'g', 'ca', 'rs')
+  if not seen[id] and redis.call('ZSCORE', KEYS[2], id) and run[1] == ARGV[i + 1] then
     seen[id] = true
     released[#released + 1] = id
-    local fields = {'ua', now, 'd', ARGV[i + 7], 'i', ARGV[i + 3]}
-    local line = ARGV[i + 8]
-    if line ~= '' then
-      if current[2] then
-        line = current[2] .. '\n' .. line
-      end
-      fields[#fields + 1] = 't'
-      fields[#fields + 1] = line
+    local op, index, due = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    if op == 'hold' or op == 'park' then
+      index = run[6]
     end
-    if ARGV[i + 2] == 'finish' then
-      fields[#fields + 1] = 'st'
-      fields[#fields + 1] = ARGV[i + 6]
-      redis.call('HSET', key, unpack(fields))
-      if ARGV[i + 9] == '1' then
-        redis.call('ZADD', KEYS[3], now, id)
-        redis.call('ZADD', dead_by_playbook .. (current[3] or ''), now, id)
-      else
-        redis.call('EXPIRE', key, retention)
+    local stats = stats_prefix .. run[3] .. ':' .. run[4]
+    local stat, line = ARGV[i + 10], ARGV[i + 8]
+    if ARGV[i + 11] == '1' then
+      redis.call('HDEL', waits_prefix .. run[5], id)
+    end
+    if op == 'hold' and ARGV[i + 12] ~= '' then
+      -- A wait_for: did the event come already, since the run started?
+      local event, since = ARGV[i + 12], tonumber(run[8] or '0')
+      -- Lookback items are "<ms> <name> <event JSON>".
+      local matched = nil
+      for _, item in ipairs(redis.call('LRANGE', events_prefix .. run[5], 0, -1)) do
+        local first = string.find(item, ' ')
+        local second = first and string.find(item, ' ', first + 1)
+        if second and string.sub(item, first + 1, second - 1) == event
+            and tonumber(string.sub(item, 1, first - 1)) >= since then
+          matched = string.sub(item, second + 1)
+          break
+        end
       end
+      if matched then
+        local packed = ARGV[i + 13]
+        local a, b = string.find(packed, ' ')
+        local c = string.find(packed, ' ', b + 1)
+        op = string.sub(packed, 1, a - 1)
+        index = string.sub(packed, b + 1, c - 1)
+        due = now + tonumber(string.sub(packed, c + 1))
+        stat = 'done'
+        redis.call('HSET', key, 'ev', matched)
+      else
+        line = ''
+        redis.call('HSET', waits_prefix .. run[5], id, event .. ' ' .. run[6] .. ' ' .. ARGV[i + 13])
+      end
+    elseif op == 'hold' then
+      line = ''
+    end
+    if stat ~= '' then
+      count(stats, run[6] .. ':' .. stat)
+    end
+    if run[9] and (op == 'next' or op == 'finish') then
+      redis.call('HDEL', key, 'rs')
+    end
+    local fields = {'ua', now, 'd', ARGV[i + 7], 'i', index}
+    local timeline = append(run[2], line)
+    if timeline then
+      fields[#fields + 1] = 't'
+      fields[#fields + 1] = timeline
+    end
+    if op == 'finish' then
+      finish(key, id, run, ARGV[i + 6] ~= '' and ARGV[i + 6] or 'completed', fields, ARGV[i + 9] == '1')
+    elseif op == 'park' then
+      redis.call('HSET', key, unpack(fields))
+      redis.call('ZADD', paused_prefix .. run[3], due, id)
     else
       fields[#fields + 1] = 'a'
-      fields[#fields + 1] = ARGV[i + 5]
+      fields[#fields + 1] = op == 'retry' and ARGV[i + 5] or 1
       fields[#fields + 1] = 'due'
-      fields[#fields + 1] = ARGV[i + 4]
+      fields[#fields + 1] = due
+      if op == 'hold' then
+        fields[#fields + 1] = 'ws'
+        fields[#fields + 1] = run[6]
+      end
       redis.call('HSET', key, unpack(fields))
-      redis.call('ZADD', KEYS[1], ARGV[i + 4], id)
+      redis.call('ZADD', KEYS[1], due, id)
+      if op == 'next' then
+        count(stats, index .. ':in')
+      end
     end
     applied = applied + 1
   else
@@ -57,5 +149,10 @@ for i = 5, #ARGV, 10 do
 end
 if #released > 0 then
   redis.call('ZREM', KEYS[2], unpack(released))
+end
+for key, fields in pairs(counts) do
+  for field, n in pairs(fields) do
+    redis.call('HINCRBY', key, field, n)
+  end
 end
 return {applied, stale}

@@ -6,16 +6,17 @@
 -- carries the same idempotency key as before it failed.
 -- KEYS[1] due set, KEYS[2] dead-letter set
 -- ARGV[1] run key prefix, ARGV[2] prefix of the per-playbook dead-letter sets,
--- ARGV[3] now ms, ARGV[4] playbook the caller retries ('' for none), then run ids.
+-- ARGV[3] now ms, ARGV[4] playbook the caller retries ('' for none), ARGV[5] stats prefix,
+-- then run ids.
 -- Returns one code per run id: 1 retried; 0 not dead-lettered (the run is left as it is;
 -- a stale list entry naming it is dropped); -1 no such run (its entries in the set and
 -- in ARGV[4]'s set are dropped).
 local runs, dead_by_playbook, now, playbook = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local codes = {}
-for n = 5, #ARGV do
+for n = 6, #ARGV do
   local id = ARGV[n]
   local key = runs .. id
-  local run = redis.call('HMGET', key, 'st', 'pb', 'i', 't')
+  local run = redis.call('HMGET', key, 'st', 'pb', 'i', 't', 'v')
   if not run[1] then
     redis.call('ZREM', KEYS[2], id)
     if playbook ~= '' then
@@ -58,6 +59,10 @@ for n = 5, #ARGV do
     redis.call('HDEL', key, 'd')
     redis.call('PERSIST', key)
     redis.call('ZADD', KEYS[1], now, id)
+    -- Back in the funnel: waiting at the step again, no longer failed.
+    local stats = ARGV[5] .. (run[2] or '') .. ':' .. (run[5] or '')
+    redis.call('HINCRBY', stats, (run[3] or '') .. ':failed', -1)
+    redis.call('HINCRBY', stats, 'runs:failed', -1)
     codes[#codes + 1] = 1
   end
 end

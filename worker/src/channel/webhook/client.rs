@@ -3,6 +3,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use touchpoint_proto::security::root_cause;
+use touchpoint_proto::telemetry::continue_trace;
+use tracing::Instrument as _;
 
 use async_trait::async_trait;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
@@ -11,7 +13,7 @@ use secrecy::ExposeSecret as _;
 use serde::Serialize;
 
 use super::{Config, signature};
-use crate::channel::{ChannelAdapter, Contact, Delivered, Delivery, Error};
+use crate::channel::{ChannelAdapter, Contact, Delivered, Delivery, Error, http_client_span};
 
 /// Characters of a rejecting receiver's answer kept in the step's detail.
 const DETAIL_BODY_CHARS: usize = 200;
@@ -82,8 +84,11 @@ impl ChannelAdapter for WebhookAdapter {
             .header(CONTENT_TYPE, "application/json")
             .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string());
+        let span = http_client_span("POST", &self.config.url);
         if !delivery.traceparent.is_empty() {
-            request = request.header("traceparent", &delivery.traceparent);
+            // The receiver continues the HTTP call's span, within the run's trace.
+            let traceparent = continue_trace(&span, &delivery.traceparent);
+            request = request.header("traceparent", traceparent);
         }
         if let Some(secret) = &self.config.secret {
             let signature = signature::sign(secret.expose_secret(), id, timestamp, &body);
@@ -92,8 +97,10 @@ impl ChannelAdapter for WebhookAdapter {
         let response = request
             .body(body)
             .send()
+            .instrument(span.clone())
             .await
             .map_err(|error| transport_error(&error, self.config.timeout))?;
+        span.record("http.response.status_code", response.status().as_u16());
         classify(response).await
     }
 }
@@ -105,9 +112,16 @@ async fn classify(response: Response) -> Result<Delivered, Error> {
         return Ok(Delivered::new(format!("HTTP {code}")));
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-        return Err(Error::Retryable {
-            detail: format!("HTTP {code}"),
-            retry_after: retry_after(response.headers(), SystemTime::now()),
+        let detail = format!("HTTP {code}");
+        let after = retry_after(response.headers(), SystemTime::now());
+        return Err(if status == StatusCode::TOO_MANY_REQUESTS {
+            Error::rate_limited(detail, after)
+        } else {
+            Error::Retryable {
+                detail,
+                retry_after: after,
+                rate_limited: false,
+            }
         });
     }
     let excerpt = body_excerpt(response).await;

@@ -1,0 +1,253 @@
+//! The channel seam against a real scheduler process: a worker's TaskProgress shows in
+//! the run and its state comes back to the step's next attempt as `resume_state`, only
+//! under the current fencing token; a step past its `deadline` is skipped, never late.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::Streaming;
+use touchpoint_proto::v1::{
+    Hello, Outcome, RunStatus, SchedulerMessage, StepStatus, Task, TaskProgress, TaskResult,
+    WorkerMessage, scheduler_message, worker_message,
+};
+use touchpoint_tests::{Stack, contact, request_id, run_summary, stays};
+
+const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A worker speaking the raw protocol: what it sends goes out on `out`.
+struct RawWorker {
+    out: mpsc::UnboundedSender<WorkerMessage>,
+    inbound: Streaming<SchedulerMessage>,
+}
+
+impl RawWorker {
+    /// Attaches serving `channels` and reads the Welcome.
+    async fn attach(stack: &mut Stack, channels: &[&str]) -> Self {
+        let (out, rx) = mpsc::unbounded_channel();
+        let worker = Self::send_on(&out);
+        worker(worker_message::Kind::Hello(Hello {
+            worker_id: "raw-1".to_owned(),
+            channels: channels.iter().map(|&c| c.to_owned()).collect(),
+            capacity: 4,
+            ..Hello::default()
+        }));
+        let mut inbound = stack
+            .client
+            .workers
+            .attach(UnboundedReceiverStream::new(rx))
+            .await
+            .expect("Attach")
+            .into_inner();
+        match next_message(&mut inbound).await {
+            scheduler_message::Kind::Welcome(_) => {}
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+        Self { out, inbound }
+    }
+
+    fn send_on(
+        out: &mpsc::UnboundedSender<WorkerMessage>,
+    ) -> impl Fn(worker_message::Kind) + use<> {
+        let out = out.clone();
+        move |kind| {
+            out.send(WorkerMessage { kind: Some(kind) })
+                .expect("the stream is open");
+        }
+    }
+
+    fn send(&self, kind: worker_message::Kind) {
+        Self::send_on(&self.out)(kind);
+    }
+
+    async fn task(&mut self) -> Task {
+        match next_message(&mut self.inbound).await {
+            scheduler_message::Kind::Task(task) => task,
+            other => panic!("expected a Task, got {other:?}"),
+        }
+    }
+
+    fn progress(&self, task: &Task, fencing_token: u64, detail: &str, state: &str) {
+        self.send(worker_message::Kind::Progress(TaskProgress {
+            run_id: task.run_id.clone(),
+            fencing_token,
+            detail: detail.to_owned(),
+            state: state.to_owned(),
+        }));
+    }
+
+    fn result(&self, task: &Task, outcome: Outcome, detail: &str) {
+        self.send(worker_message::Kind::Result(TaskResult {
+            run_id: task.run_id.clone(),
+            fencing_token: task.fencing_token,
+            outcome: outcome.into(),
+            detail: detail.to_owned(),
+            ..TaskResult::default()
+        }));
+    }
+}
+
+async fn next_message(inbound: &mut Streaming<SchedulerMessage>) -> scheduler_message::Kind {
+    tokio::time::timeout(TIMEOUT, inbound.message())
+        .await
+        .expect("a message from the scheduler in time")
+        .expect("the stream is healthy")
+        .and_then(|m| m.kind)
+        .expect("a message, not the end of the stream")
+}
+
+/// The run's hash in Redis (default key prefix `tp`; run ids end in their partition).
+fn run_key(run_id: &str) -> String {
+    let partition = run_id.rsplit('-').next().expect("a partition suffix");
+    format!("tp:{{p{partition}}}:run:{run_id}")
+}
+
+async fn resume_state_in_redis(stack: &Stack, run_id: &str) -> Option<String> {
+    let mut conn = stack
+        .redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    redis::cmd("HGET")
+        .arg(run_key(run_id))
+        .arg("rs")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_shows_in_the_run_and_its_state_resumes_the_next_attempt() {
+    let mut stack = Stack::start(NODE, &[], &[]).await;
+    let mut worker = RawWorker::attach(&mut stack, &["crm"]).await;
+    stack
+        .apply(
+            "name: resumable\nsteps:\n  - {id: send, action: send_message, channel: crm, \
+             retry: {max_attempts: 3, initial: 100ms, max: 200ms}}\n",
+        )
+        .await;
+    let run_id = stack
+        .enroll("resumable", contact("c-1", &[], &[]), &request_id())
+        .await
+        .run_id;
+
+    let first = worker.task().await;
+    assert_eq!((first.run_id.as_str(), first.attempt), (run_id.as_str(), 1));
+    assert_eq!(first.resume_state, "");
+    worker.progress(
+        &first,
+        first.fencing_token,
+        "awaiting_confirmation",
+        "task-42",
+    );
+    let run = stack
+        .client
+        .wait_for_run(&run_id, TIMEOUT, "the progress detail", |run| {
+            run.steps[0].detail == "awaiting_confirmation"
+        })
+        .await;
+    assert_eq!(
+        run.steps[0].status,
+        i32::from(StepStatus::InFlight),
+        "{}",
+        run_summary(&run)
+    );
+    assert_eq!(
+        resume_state_in_redis(&stack, &run_id).await.as_deref(),
+        Some("task-42")
+    );
+
+    // Progress under another fencing token is ignored.
+    worker.progress(&first, first.fencing_token + 1, "stale", "stale-state");
+    worker.progress(&first, first.fencing_token - 1, "stale", "stale-state");
+    let unchanged = stays(Duration::from_millis(700), || {
+        let mut client = stack.client.clone();
+        let run_id = run_id.clone();
+        async move { client.run(&run_id).await.steps[0].detail == "awaiting_confirmation" }
+    })
+    .await;
+    assert!(
+        unchanged,
+        "{}",
+        run_summary(&stack.client.run(&run_id).await)
+    );
+
+    // A retryable failure: the next attempt carries the saved state.
+    worker.result(&first, Outcome::Retryable, "HTTP 503");
+    let second = worker.task().await;
+    assert_eq!(
+        (second.run_id.as_str(), second.attempt),
+        (run_id.as_str(), 2)
+    );
+    assert_eq!(second.resume_state, "task-42");
+    assert!(second.fencing_token > first.fencing_token);
+
+    // The first attempt's token no longer counts; a state over 4 KiB is not kept (the
+    // detail is).
+    worker.progress(&first, first.fencing_token, "stale", "stale-state");
+    worker.progress(&second, second.fencing_token, "resumed", &"x".repeat(5000));
+    stack
+        .client
+        .wait_for_run(&run_id, TIMEOUT, "the second progress detail", |run| {
+            run.steps[0].detail == "resumed"
+        })
+        .await;
+    assert_eq!(
+        resume_state_in_redis(&stack, &run_id).await.as_deref(),
+        Some("task-42")
+    );
+
+    // Done: the state goes with the step.
+    worker.result(&second, Outcome::Ok, "sent");
+    let run = stack
+        .client
+        .wait_for_status(&run_id, RunStatus::Completed, TIMEOUT)
+        .await;
+    assert_eq!(run.steps[0].attempts, 2, "{}", run_summary(&run));
+    assert_eq!(run.steps[0].detail, "sent");
+    assert_eq!(resume_state_in_redis(&stack, &run_id).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_past_its_deadline_is_skipped_not_sent_late() {
+    let mut stack = Stack::start(NODE, &[], &["crm"]).await;
+    stack
+        .apply(
+            "name: short-lived\nsteps:\n  - {id: pause, wait: 2s}\n  \
+             - {id: code, action: send_message, channel: crm, deadline: 1s}\n  \
+             - {id: after, action: send_message, channel: crm}\n",
+        )
+        .await;
+    let run_id = stack
+        .enroll("short-lived", contact("c-1", &[], &[]), &request_id())
+        .await
+        .run_id;
+    let run = stack
+        .client
+        .wait_for_status(&run_id, RunStatus::Completed, TIMEOUT)
+        .await;
+    let code = &run.steps[1];
+    assert_eq!(
+        code.status,
+        i32::from(StepStatus::Skipped),
+        "{}",
+        run_summary(&run)
+    );
+    assert!(
+        code.detail.contains("deadline passed"),
+        "{}",
+        run_summary(&run)
+    );
+    assert_eq!(run.steps[2].status, i32::from(StepStatus::Done));
+    // Only the step after it reached the receiver.
+    let requests = stack.receiver.wait_for(1, TIMEOUT).await;
+    assert_eq!(requests[0].step(), "after");
+    let only_one = stays(Duration::from_millis(500), || {
+        let count = stack.receiver.count();
+        async move { count == 1 }
+    })
+    .await;
+    assert!(only_one, "{}", stack.receiver.summary());
+}
