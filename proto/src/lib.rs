@@ -50,3 +50,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// Largest gRPC message either side accepts (16 MiB): bulk enrollment batches
 /// and full run listings stay well below it.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Most tasks one worker may hold at once (`Hello.capacity`); a worker whose channels
+/// add up to more announces this.
+pub const MAX_WORKER_CAPACITY: u32 = 10_000;

@@ -1027,13 +1027,13 @@ impl Engine {
             // That worker's late result will be ignored (its fence is stale), so give its
             // slot back now, or it would count as busy for as long as it stays connected,
             // and hand it nothing new until it shows signs of life.
-            self.workers.release(old.connection);
+            self.workers.release(old.connection, &old.channel);
             self.workers.mark_unresponsive(old.connection);
         }
         if sender.try_send(Ok(message)).is_err() {
             // The worker's stream is gone or full; take the step back.
             let in_flight = lock(&self.in_flight).remove(&run_id)?;
-            self.workers.release(connection);
+            self.workers.release(connection, &in_flight.channel);
             return Some(Completion {
                 run_id,
                 fence: in_flight.fence,
@@ -1071,7 +1071,7 @@ impl Engine {
             }
             return;
         };
-        self.workers.release(connection);
+        self.workers.release(connection, &in_flight.channel);
         if result.rate_limited {
             self.on_rate_limited(in_flight.channel.clone(), result.retry_after_ms);
         }
@@ -1311,29 +1311,31 @@ impl Engine {
     /// tasks unless they speak again (a worker holds one stream; ids must be unique).
     pub(crate) fn on_worker_attached(&self, connection: ConnectionId, worker_id: &str) {
         let mut earlier = Vec::new();
-        let mut taken: u32 = 0;
+        let mut taken = Vec::new();
         {
             let mut map = lock(&self.in_flight);
             forget_expired(&mut map, now_ms());
             for f in map.values_mut() {
                 if f.worker_id == worker_id && f.connection != connection {
                     if f.connection != DETACHED {
-                        earlier.push(f.connection);
+                        earlier.push((f.connection, f.channel.clone()));
                     }
                     f.connection = connection;
-                    taken = taken.saturating_add(1);
+                    taken.push(f.channel.clone());
                 }
             }
         }
-        for old in earlier {
-            self.workers.release(old);
+        for (old, channel) in earlier {
+            self.workers.release(old, &channel);
         }
         for old in self.workers.other_connections(worker_id, connection) {
             self.workers.mark_unresponsive(old);
         }
-        if taken > 0 {
-            self.workers.hold(connection, taken);
-            info!(worker = %worker_id, steps = taken, "worker re-attached; the steps it held are its again");
+        for channel in &taken {
+            self.workers.hold(connection, channel);
+        }
+        if !taken.is_empty() {
+            info!(worker = %worker_id, steps = taken.len(), "worker re-attached; the steps it held are its again");
         }
     }
 

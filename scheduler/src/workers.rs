@@ -1,6 +1,7 @@
 //! Connected workers: which channels each serves, how many tasks it holds, and the
 //! sender of its stream. Tasks go to the least-loaded worker serving their channel, and
-//! never beyond the capacity it announced (credit-based flow control). Workers also
+//! never beyond the capacity it announced, in all and per channel (credit-based flow
+//! control), so a channel whose provider hangs fills only its own slots. Workers also
 //! announce their channels' rate limits; see [`Workers::channel_rate`].
 
 use std::{collections::HashMap, sync::Mutex};
@@ -20,7 +21,8 @@ pub(crate) type ConnectionId = u64;
 #[derive(Debug)]
 struct Worker {
     worker_id: String,
-    channels: Vec<String>,
+    /// Slots by channel name: the channels it serves.
+    channels: HashMap<String, Slots>,
     capacity: u32,
     in_flight: u32,
     /// Lost a lease without reporting or heartbeating (hung, or frozen): gets no new
@@ -31,6 +33,48 @@ struct Worker {
     /// Rate limits it announced, by channel name.
     rate: HashMap<String, Rate>,
     sender: WorkerSender,
+}
+
+/// Tasks of one channel a worker may hold, and holds.
+#[derive(Debug, Clone, Copy)]
+struct Slots {
+    capacity: u32,
+    in_flight: u32,
+}
+
+impl Worker {
+    fn has_room_for(&self, channel: &str) -> bool {
+        !self.unresponsive
+            && self.in_flight < self.capacity
+            && self
+                .channels
+                .get(channel)
+                .is_some_and(|slots| slots.in_flight < slots.capacity)
+    }
+
+    /// Free slots: the least of the worker's and the sum of its channels'.
+    fn free(&self) -> u32 {
+        let channels: u32 = self
+            .channels
+            .values()
+            .map(|slots| slots.capacity.saturating_sub(slots.in_flight))
+            .fold(0, u32::saturating_add);
+        self.capacity.saturating_sub(self.in_flight).min(channels)
+    }
+
+    fn take(&mut self, channel: &str, count: u32) {
+        self.in_flight = self.in_flight.saturating_add(count);
+        if let Some(slots) = self.channels.get_mut(channel) {
+            slots.in_flight = slots.in_flight.saturating_add(count);
+        }
+    }
+
+    fn give_back(&mut self, channel: &str) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(slots) = self.channels.get_mut(channel) {
+            slots.in_flight = slots.in_flight.saturating_sub(1);
+        }
+    }
 }
 
 /// Why a task could not be placed.
@@ -62,15 +106,31 @@ impl Workers {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Adds a worker that said Hello.
+    /// Adds a worker that said Hello: `capacity` tasks at most in all, and on each of
+    /// `channels` at most its `channel_capacity` (`capacity` when it gives none).
     pub(crate) fn register(
         &self,
         worker_id: String,
         channels: Vec<String>,
         capacity: u32,
+        channel_capacity: &HashMap<String, u32>,
         sender: WorkerSender,
     ) -> ConnectionId {
-        for channel in &channels {
+        let channels: HashMap<String, Slots> = channels
+            .into_iter()
+            .map(|channel| {
+                let slots = Slots {
+                    capacity: channel_capacity
+                        .get(&channel)
+                        .copied()
+                        .unwrap_or(capacity)
+                        .min(capacity),
+                    in_flight: 0,
+                };
+                (channel, slots)
+            })
+            .collect();
+        for channel in channels.keys() {
             connected(channel).inc();
         }
         let mut registry = self.registry();
@@ -143,7 +203,7 @@ impl Workers {
     /// Removes a worker whose stream ended.
     pub(crate) fn remove(&self, connection: ConnectionId) {
         if let Some(worker) = self.registry().workers.remove(&connection) {
-            for channel in &worker.channels {
+            for channel in worker.channels.keys() {
                 connected(channel).dec();
             }
         }
@@ -158,16 +218,16 @@ impl Workers {
         let mut serving = registry
             .workers
             .iter_mut()
-            .filter(|(_, w)| w.channels.iter().any(|c| c == channel))
+            .filter(|(_, w)| w.channels.contains_key(channel))
             .peekable();
         if serving.peek().is_none() {
             return Err(NoWorker::ForChannel);
         }
         let (id, worker) = serving
-            .filter(|(_, w)| w.in_flight < w.capacity && !w.unresponsive)
+            .filter(|(_, w)| w.has_room_for(channel))
             .min_by_key(|(_, w)| u64::from(w.in_flight) * 1_000_000 / u64::from(w.capacity.max(1)))
             .ok_or(NoWorker::AllBusy)?;
-        worker.in_flight += 1;
+        worker.take(channel, 1);
         Ok((*id, worker.worker_id.clone(), worker.sender.clone()))
     }
 
@@ -186,18 +246,18 @@ impl Workers {
         }
     }
 
-    /// Gives back a slot reserved with [`Self::reserve`].
-    pub(crate) fn release(&self, connection: ConnectionId) {
+    /// Gives back a slot of `channel` reserved with [`Self::reserve`].
+    pub(crate) fn release(&self, connection: ConnectionId, channel: &str) {
         if let Some(worker) = self.registry().workers.get_mut(&connection) {
-            worker.in_flight = worker.in_flight.saturating_sub(1);
+            worker.give_back(channel);
         }
     }
 
-    /// Counts `count` more tasks as held by `connection` (steps it took over from an
-    /// earlier stream of the same worker); each is given back with [`Self::release`].
-    pub(crate) fn hold(&self, connection: ConnectionId, count: u32) {
+    /// Counts one more task of `channel` as held by `connection` (a step it took over
+    /// from an earlier stream of the same worker); it is given back with [`Self::release`].
+    pub(crate) fn hold(&self, connection: ConnectionId, channel: &str) {
         if let Some(worker) = self.registry().workers.get_mut(&connection) {
-            worker.in_flight = worker.in_flight.saturating_add(count);
+            worker.take(channel, 1);
         }
     }
 
@@ -230,8 +290,8 @@ impl Workers {
             .workers
             .values()
             .filter(|w| !w.unresponsive)
-            .map(|w| w.capacity.saturating_sub(w.in_flight))
-            .sum()
+            .map(Worker::free)
+            .fold(0, u32::saturating_add)
     }
 }
 
@@ -258,7 +318,13 @@ mod tests {
         let workers = Workers::default();
         let register = |id: &str| {
             let (sender, _) = mpsc::channel(1);
-            workers.register(id.to_owned(), vec!["sms".to_owned()], 4, sender)
+            workers.register(
+                id.to_owned(),
+                vec!["sms".to_owned()],
+                4,
+                &HashMap::new(),
+                sender,
+            )
         };
         let (a, b, c) = (register("a"), register("b"), register("c"));
         assert_eq!(workers.channel_rate("sms"), None);
@@ -272,5 +338,36 @@ mod tests {
         workers.remove(b);
         workers.remove(c);
         assert_eq!(workers.channel_rate("sms"), None);
+    }
+
+    #[test]
+    fn a_full_channel_leaves_the_workers_other_channels_their_slots() {
+        let workers = Workers::default();
+        let (sender, _receiver) = mpsc::channel(1);
+        let per_channel = HashMap::from([("slow".to_owned(), 2), ("fast".to_owned(), 2)]);
+        let channels = vec!["slow".to_owned(), "fast".to_owned()];
+        let worker = workers.register("w".to_owned(), channels, 4, &per_channel, sender);
+        assert_eq!(workers.free_capacity(), 4);
+        for _ in 0..2 {
+            assert!(workers.reserve("slow").is_ok());
+        }
+        assert_eq!(workers.reserve("slow").err(), Some(NoWorker::AllBusy));
+        assert_eq!(workers.free_capacity(), 2);
+        assert!(workers.reserve("fast").is_ok());
+        workers.release(worker, "slow");
+        assert!(workers.reserve("slow").is_ok());
+        assert_eq!(workers.reserve("other").err(), Some(NoWorker::ForChannel));
+    }
+
+    #[test]
+    fn a_worker_without_channel_capacities_is_bounded_by_its_capacity() {
+        let workers = Workers::default();
+        let (sender, _receiver) = mpsc::channel(1);
+        let channels = vec!["a".to_owned(), "b".to_owned()];
+        workers.register("w".to_owned(), channels, 2, &HashMap::new(), sender);
+        assert!(workers.reserve("a").is_ok());
+        assert!(workers.reserve("b").is_ok());
+        assert_eq!(workers.reserve("a").err(), Some(NoWorker::AllBusy));
+        assert_eq!(workers.free_capacity(), 0);
     }
 }

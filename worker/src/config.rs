@@ -13,7 +13,7 @@ use crate::channel::{grpc, sms, smtp};
 
 /// The scheduler a worker attaches to when the file names none.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
-/// Deliveries in flight at once when the file does not say.
+/// Deliveries in flight at once on each channel when the file does not say.
 pub const DEFAULT_CONCURRENCY: u32 = 256;
 
 /// A worker's configuration: the scheduler to attach to and the channels to serve.
@@ -21,7 +21,9 @@ pub const DEFAULT_CONCURRENCY: u32 = 256;
 pub struct WorkerConfig {
     /// gRPC address of the scheduler, e.g. `http://127.0.0.1:50051`.
     pub server: String,
-    /// Most deliveries in flight at once; announced to the scheduler as the capacity.
+    /// Most deliveries in flight at once on each channel that does not set its own
+    /// `concurrency`. Every channel has its own slots, so a provider that hangs holds
+    /// only its channel's; the capacity announced to the scheduler is their sum.
     pub concurrency: u32,
     /// Name shown in run timelines; `None` means `<hostname>-<pid>`.
     pub worker_id: Option<String>,
@@ -46,6 +48,9 @@ pub struct ChannelConfig {
     /// The provider's quota (`rate`, `burst`), announced to the schedulers, which hand
     /// out this channel's steps no faster, over every worker together.
     pub rate: Option<ChannelRate>,
+    /// Most deliveries of this channel in flight at once (default: the worker's
+    /// `concurrency`).
+    pub concurrency: u32,
 }
 
 /// `rate = "600/min"`, `burst = 20` on a `[[channel]]`: a token bucket.
@@ -169,6 +174,7 @@ impl WorkerConfig {
                     kind: ChannelKind::Log,
                     retry: ChannelRetry::default(),
                     rate: None,
+                    concurrency: DEFAULT_CONCURRENCY,
                 })
                 .collect(),
             token: None,
@@ -208,6 +214,8 @@ pub(crate) struct RawChannel {
     pub(crate) secret_env: Option<String>,
     pub(crate) timeout: Option<String>,
     retry: Option<RawRetry>,
+    // any kind: deliveries in flight at once (default: the worker's `concurrency`)
+    concurrency: Option<u32>,
     // any kind: the provider's quota
     rate: Option<String>,
     burst: Option<u32>,
@@ -310,7 +318,7 @@ impl RawConfig {
         let mut channels = Vec::with_capacity(self.channel.len());
         for (index, raw) in self.channel.into_iter().enumerate() {
             let at = format!("channel[{index}]");
-            let channel = raw.validate(&at, env)?;
+            let channel = raw.validate(&at, concurrency, env)?;
             if let Some(first) = seen.insert(channel.name.clone(), index) {
                 return Err(Error::field(
                     format!("{at}.name"),
@@ -337,6 +345,7 @@ impl RawChannel {
     fn validate(
         self,
         at: &str,
+        default_concurrency: u32,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<ChannelConfig, Error> {
         let name = match self.name.as_deref().map(str::trim) {
@@ -379,11 +388,22 @@ impl RawChannel {
             None => ChannelRetry::default(),
         };
         let rate = channel_rate(at, self.rate.as_deref(), self.burst)?;
+        let concurrency = match self.concurrency {
+            Some(0) => {
+                return Err(Error::field(
+                    format!("{at}.concurrency"),
+                    "expected at least 1, got 0",
+                ));
+            }
+            Some(n) => n,
+            None => default_concurrency,
+        };
         Ok(ChannelConfig {
             name,
             kind,
             retry,
             rate,
+            concurrency,
         })
     }
 

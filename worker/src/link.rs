@@ -21,6 +21,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Endpoint;
+use touchpoint_proto::MAX_WORKER_CAPACITY;
 use touchpoint_proto::metrics::{ChannelLabels, DeliveryLabels, metrics};
 use touchpoint_proto::security::{self, BearerToken};
 use touchpoint_proto::telemetry::continue_trace;
@@ -51,9 +52,10 @@ pub(crate) struct Link {
     token: Option<BearerToken>,
     hello: Hello,
     registry: Registry,
-    /// One permit per delivery in flight; shared by every stream so that re-attaching
-    /// while old deliveries still run never exceeds `concurrency`.
-    slots: Arc<Semaphore>,
+    /// One permit per delivery in flight, per channel (a hanging provider holds only
+    /// its own channel's); shared by every stream so that re-attaching while old
+    /// deliveries still run never exceeds a channel's `concurrency`.
+    slots: HashMap<String, Arc<Semaphore>>,
     /// The tasks received and not reported yet, whichever stream they came on: each
     /// stream heartbeats all of them, so a re-attach keeps their leases.
     held: HeldTasks,
@@ -79,7 +81,17 @@ impl Link {
         let hello = Hello {
             worker_id: config.resolved_worker_id(),
             channels: registry.names(),
-            capacity: config.concurrency,
+            capacity: config
+                .channels
+                .iter()
+                .map(|c| c.concurrency)
+                .fold(0, u32::saturating_add)
+                .min(MAX_WORKER_CAPACITY),
+            channel_capacity: config
+                .channels
+                .iter()
+                .map(|c| (c.name.clone(), c.concurrency))
+                .collect(),
             channel_retry: config
                 .channels
                 .iter()
@@ -104,7 +116,14 @@ impl Link {
             token: config.token.clone(),
             hello,
             registry,
-            slots: Arc::new(Semaphore::new(config.concurrency as usize)),
+            slots: config
+                .channels
+                .iter()
+                .map(|c| {
+                    let slots = Semaphore::new(c.concurrency as usize);
+                    (c.name.clone(), Arc::new(slots))
+                })
+                .collect(),
             held: HeldTasks::default(),
             outbox: Outbox::default(),
         })
@@ -262,13 +281,18 @@ impl Link {
         task.traceparent = continue_trace(&span, &task.traceparent);
         let recorded = span.clone();
         let adapter = self.registry.get(&task.channel).cloned();
-        let slots = Arc::clone(&self.slots);
+        let slots = self.slots.get(&task.channel).cloned();
         let outbox = self.outbox.clone();
         let delivery = async move {
             let _hold = hold;
-            // The semaphore is never closed, so this only waits for a free slot.
-            let Ok(_slot) = slots.acquire_owned().await else {
-                return;
+            // The semaphores are never closed, so this only waits for a free slot. A
+            // channel this worker does not serve has none: it fails at once below.
+            let _slot = match slots {
+                Some(slots) => match slots.acquire_owned().await {
+                    Ok(slot) => Some(slot),
+                    Err(_) => return,
+                },
+                None => None,
             };
             let (run_id, fencing_token) = (task.run_id.clone(), task.fencing_token);
             let progress = progress_sink(&outbox, &run_id, fencing_token);

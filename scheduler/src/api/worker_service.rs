@@ -6,6 +6,7 @@ use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use touchpoint_proto::MAX_WORKER_CAPACITY;
 use touchpoint_proto::v1::{
     RateLimit, RetryDefaults, SchedulerMessage, Welcome, WorkerMessage, scheduler_message,
     worker_message, worker_service_server::WorkerService,
@@ -14,9 +15,6 @@ use tracing::{info, warn};
 
 use super::status::invalid_field;
 use crate::{engine::Engine, playbook::RetryOverrides, store::Rate};
-
-/// Most tasks one worker may ask to hold at once.
-const MAX_CAPACITY: u32 = 10_000;
 
 /// Accepts worker streams and feeds their results to the engine.
 #[derive(Debug, Clone)]
@@ -54,10 +52,16 @@ impl WorkerService for WorkerApi {
         if hello.worker_id.is_empty() {
             return Err(invalid_field("hello.worker_id", "required"));
         }
-        if hello.capacity == 0 || hello.capacity > MAX_CAPACITY {
+        if hello.capacity == 0 || hello.capacity > MAX_WORKER_CAPACITY {
             return Err(invalid_field(
                 "hello.capacity",
-                format!("expected 1 to {MAX_CAPACITY}"),
+                format!("expected 1 to {MAX_WORKER_CAPACITY}"),
+            ));
+        }
+        if let Some((channel, _)) = hello.channel_capacity.iter().find(|(_, n)| **n == 0) {
+            return Err(invalid_field(
+                &format!("hello.channel_capacity[{channel:?}]"),
+                "expected at least 1",
             ));
         }
         let capacity = usize::try_from(hello.capacity).unwrap_or(1);
@@ -76,10 +80,13 @@ impl WorkerService for WorkerApi {
         let worker_id = hello.worker_id.clone();
         let channel_retry = retry_defaults(&hello.channel_retry)?;
         let channel_rate = rate_limits(&hello.channel_rate)?;
-        let connection =
-            self.engine
-                .workers()
-                .register(hello.worker_id, hello.channels, hello.capacity, sender);
+        let connection = self.engine.workers().register(
+            hello.worker_id,
+            hello.channels,
+            hello.capacity,
+            &hello.channel_capacity,
+            sender,
+        );
         self.engine
             .workers()
             .set_channel_retry(connection, channel_retry);

@@ -72,6 +72,10 @@ fn reads_the_example_from_spec() {
     assert_eq!(key.expose_secret().len(), 24);
     assert_eq!(config.channels[1].name, "console");
     assert!(matches!(config.channels[1].kind, ChannelKind::Log));
+    assert_eq!(
+        config.channels[1].concurrency, 256,
+        "the worker's concurrency is the default"
+    );
 }
 
 #[test]
@@ -356,4 +360,24 @@ fn a_bad_rate_or_burst_is_refused_naming_the_field() {
         ));
         assert!(message.starts_with(expected), "{text}: {message}");
     }
+}
+
+#[test]
+fn a_channel_may_set_its_own_concurrency() {
+    let config = parse(
+        "concurrency = 8\n[[channel]]\nname = \"slow\"\nkind = \"log\"\nconcurrency = 2\n\
+         [[channel]]\nname = \"fast\"\nkind = \"log\"\n",
+    )
+    .unwrap();
+    let per_channel: Vec<_> = config
+        .channels
+        .iter()
+        .map(|c| (c.name.as_str(), c.concurrency))
+        .collect();
+    assert_eq!(per_channel, [("slow", 2), ("fast", 8)]);
+    let error = parse("[[channel]]\nname = \"c\"\nkind = \"log\"\nconcurrency = 0\n").unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "channel[0].concurrency: expected at least 1, got 0"
+    );
 }
