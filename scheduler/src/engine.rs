@@ -130,7 +130,8 @@ pub(crate) struct Engine {
     /// longer paused (covers a run parked just after another scheduler resumed them).
     parked: Mutex<HashSet<String>>,
     /// Channels a provider asked to slow down, as far as this scheduler knows (from its
-    /// workers' results), with when the hold ends (ms, local clock). While listed, a
+    /// workers' results, and every second from the list other schedulers announce
+    /// holds in), with when the hold ends (ms). While listed, a
     /// channel without a rate of its own still asks its bucket before each hand-out;
     /// other channels without a rate cost no Redis call.
     penalized: Mutex<HashMap<String, i64>>,
@@ -258,6 +259,12 @@ impl Engine {
                 info!(playbook = %name, resumed, "steps held while the playbook was paused go out now");
                 self.wake_all();
             }
+        }
+        let now = now_ms();
+        for (channel, until) in self.store.penalties(now).await? {
+            let mut penalized = lock(&self.penalized);
+            let slot = penalized.entry(channel).or_insert(until);
+            *slot = (*slot).max(until);
         }
         let version = self.store.policy_version().await?;
         let changed = version != lock(&self.budget).0;
@@ -889,11 +896,19 @@ impl Engine {
             .await
         {
             Ok(remaining) => {
-                let until = now_ms() + remaining;
-                let mut penalized = lock(&self.penalized);
-                let slot = penalized.entry(channel.clone()).or_insert(until);
-                *slot = (*slot).max(until);
+                let now = now_ms();
+                let until = now + remaining;
+                {
+                    let mut penalized = lock(&self.penalized);
+                    let slot = penalized.entry(channel.clone()).or_insert(until);
+                    *slot = (*slot).max(until);
+                }
                 info!(channel = %channel, hold_ms = remaining, "the provider asked to slow down; the channel is held back for every worker");
+                // Schedulers that hand the channel out without a rate learn of the hold
+                // from this list (within a second); the bucket itself holds the rest.
+                if let Err(err) = self.store.announce_penalty(&channel, until, now).await {
+                    warn!(channel = %channel, error = %err, "announcing a provider's rate limit failed; other schedulers learn of it only if the channel has a rate");
+                }
             }
             Err(err) => {
                 warn!(channel = %channel, error = %err, "recording a provider's rate limit failed; only this scheduler holds the channel back");

@@ -8,11 +8,11 @@
 
 use std::time::{Duration, Instant};
 
-use touchpoint_proto::v1::{RunStatus, StepStatus};
+use touchpoint_proto::v1::{EnrollRequest, RunStatus, StepStatus};
 use touchpoint_scheduler::store::{Rate, Store, Taken};
 use touchpoint_tests::{
-    ChannelConfig, RedisServer, Reply, SECRET_ENV, Stack, WorkerConfig, WorkerNode, contact,
-    eventually, request_id, run_summary,
+    ChannelConfig, RedisServer, Reply, SECRET_ENV, SchedulerNode, Stack, WorkerConfig, WorkerNode,
+    contact, eventually, request_id, run_summary,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
@@ -155,6 +155,45 @@ async fn a_penalty_blocks_the_channel_then_halves_its_rate() {
     assert_eq!(
         take(&store, "crm", None, 4, now + 1500).await,
         taken(4, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn announced_holds_are_listed_until_they_end() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let now = 1_000_000;
+    store
+        .announce_penalty("crm", now + 2000, now)
+        .await
+        .unwrap();
+    store.announce_penalty("sms", now + 500, now).await.unwrap();
+    // A shorter hold announced later does not shorten the one listed.
+    store
+        .announce_penalty("crm", now + 1000, now)
+        .await
+        .unwrap();
+    let mut listed = store.penalties(now).await.unwrap();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("crm".to_owned(), now + 2000),
+            ("sms".to_owned(), now + 500)
+        ]
+    );
+    assert_eq!(
+        store.penalties(now + 1000).await.unwrap(),
+        [("crm".to_owned(), now + 2000)]
+    );
+    // Ended holds are dropped when the next one is announced.
+    store
+        .announce_penalty("wecom", now + 5000, now + 3000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.penalties(0).await.unwrap(),
+        [("wecom".to_owned(), now + 5000)]
     );
 }
 
@@ -373,6 +412,68 @@ async fn a_rate_limited_answer_holds_back_a_channel_without_a_rate() {
         );
     }
     for run_id in first.iter().chain(&later) {
+        stack
+            .client
+            .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)
+            .await;
+    }
+}
+
+/// The 429 reaches one scheduler's worker; the other scheduler, which hands the same
+/// channel (no rate of its own) to its own worker, learns of the hold from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_answer_at_one_scheduler_holds_the_channel_back_at_another() {
+    let mut stack = Stack::start(NODE, &[], &[]).await;
+    stack.receiver.script([Reply::status(429).retry_after(3)]);
+    let mut other = SchedulerNode::start(NODE, &stack.redis.url(), &[]);
+    let config = WorkerConfig::new().channel(ChannelConfig::webhook(
+        "crm",
+        &stack.receiver.url(),
+        SECRET_ENV,
+    ));
+    let secret = [(SECRET_ENV, stack.secret.as_str())];
+    let _w1 = WorkerNode::start(NODE, &stack.scheduler.endpoint(), "w-1", &config, &secret);
+    let _w2 = WorkerNode::start(NODE, &other.endpoint(), "w-2", &config, &secret);
+    for scheduler in [&mut stack.scheduler, &mut other] {
+        let attached = eventually(Duration::from_secs(20), || {
+            let log = scheduler.process().log();
+            async move { log.contains("worker connected") }
+        })
+        .await;
+        assert!(attached, "{}", scheduler.process().log_tail(30));
+    }
+    stack.apply(ONE_SEND).await;
+
+    enroll_many(&mut stack, "first", 1).await;
+    let limited = stack.receiver.wait_for(1, TIMEOUT).await;
+    let at = limited[0].received_at;
+    assert_eq!(limited[0].status, 429);
+    // Past the once-a-second refresh of the announced holds.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Enrolled at the other scheduler, which claims them at once and whose worker
+    // never saw the 429.
+    let mut client = other.client().await;
+    let mut later = Vec::new();
+    for n in 0..6 {
+        let request = EnrollRequest {
+            playbook: "one-send".to_owned(),
+            contact: Some(contact(&format!("later-{n}"), &[], &[])),
+            request_id: request_id(),
+        };
+        let enrolled = client.enrollments.enroll(request).await.expect("enroll");
+        later.push(enrolled.into_inner().run_id);
+    }
+    let requests = stack.receiver.wait_for(8, TIMEOUT).await;
+    for request in &requests[1..] {
+        assert!(
+            request.received_at - at >= Duration::from_secs(3),
+            "delivered {:?} after the 429\n{}\n{}",
+            request.received_at - at,
+            stack.receiver.summary(),
+            other.process().log_tail(20)
+        );
+    }
+    for run_id in &later {
         stack
             .client
             .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)

@@ -77,6 +77,13 @@ impl Keys {
         format!("{}:{{rl:{channel}}}:bucket", self.prefix)
     }
 
+    /// Sorted set: channels held back by a provider's "too many requests", scored by
+    /// when their halved rate ends; every scheduler reads it to learn of holds on
+    /// channels it hands out without a rate.
+    pub fn rate_penalties(&self) -> String {
+        format!("{}:rl-penalties", self.prefix)
+    }
+
     /// Hash tag prefix of every key of `partition`.
     fn partition(&self, partition: u16) -> String {
         format!("{}:{{p{partition}}}", self.prefix)

@@ -75,4 +75,44 @@ impl Store {
             .await?;
         Ok(remaining)
     }
+
+    /// Lists `channel` as held back until `until_ms`, for the schedulers that hand it
+    /// out without a rate (they would not look at its bucket otherwise). Entries past
+    /// their time are dropped on the way.
+    pub async fn announce_penalty(&self, channel: &str, until_ms: i64, now_ms: i64) -> Result<()> {
+        let key = self.keys.rate_penalties();
+        let mut conn = self.conn.clone();
+        let () = redis::pipe()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg("GT")
+            .arg(until_ms)
+            .arg(channel)
+            .ignore()
+            .zrembyscore(&key, "-inf", now_ms)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The channels held back now, with when their hold (and halved rate) ends.
+    pub async fn penalties(&self, now_ms: i64) -> Result<Vec<(String, i64)>> {
+        let mut conn = self.conn.clone();
+        let listed: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(self.keys.rate_penalties())
+            .arg(now_ms)
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await?;
+        // Scores are whole ms, well inside f64's exact range.
+        #[expect(clippy::cast_possible_truncation)]
+        let listed = listed
+            .into_iter()
+            .map(|(channel, until)| (channel, until as i64))
+            .collect();
+        Ok(listed)
+    }
 }
