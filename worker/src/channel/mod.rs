@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::Serialize;
+use tracing::Instrument as _;
 
 pub use registry::Registry;
 
@@ -259,22 +260,38 @@ impl Error {
     }
 }
 
-/// The client span of an adapter's outbound HTTP call (OpenTelemetry HTTP semantic
-/// conventions; the URL's path and query stay out: they may carry tokens). Adapters
-/// continue the delivery's trace with it and send its traceparent where the provider
-/// takes one; record `http.response.status_code` when the answer comes.
-pub fn http_client_span(method: &'static str, url: &reqwest::Url) -> tracing::Span {
-    tracing::info_span!(
+/// Sends an adapter's outbound HTTP call inside a client span (OpenTelemetry HTTP
+/// semantic conventions; the URL's path and query stay out of it: they may carry tokens
+/// or signatures). With the delivery's `traceparent` (empty for none), the request
+/// carries the span's own, so the provider continues the run's trace under the call.
+pub async fn send_traced(
+    http: &reqwest::Client,
+    request: reqwest::RequestBuilder,
+    traceparent: &str,
+) -> reqwest::Result<reqwest::Response> {
+    let mut request = request.build()?;
+    let method = request.method().as_str().to_owned();
+    let url = request.url();
+    let span = tracing::info_span!(
         "http",
-        otel.name = method,
+        otel.name = %method,
         otel.kind = "client",
-        http.request.method = method,
+        http.request.method = %method,
         server.address = url.host_str().unwrap_or_default(),
         server.port = url.port_or_known_default().unwrap_or_default(),
         http.response.status_code = tracing::field::Empty,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
-    )
+    );
+    if !traceparent.is_empty() {
+        let traceparent = touchpoint_proto::telemetry::continue_trace(&span, traceparent);
+        if let Ok(value) = reqwest::header::HeaderValue::from_str(&traceparent) {
+            request.headers_mut().insert("traceparent", value);
+        }
+    }
+    let response = http.execute(request).instrument(span.clone()).await?;
+    span.record("http.response.status_code", response.status().as_u16());
+    Ok(response)
 }
 
 /// Delivers steps through one kind of channel (webhook, log, ...).

@@ -33,7 +33,7 @@ use sha1::Sha1;
 
 use super::config::AliyunConfig;
 use super::{retry_after, scrub, transport_error};
-use crate::channel::{Delivered, Delivery, Error};
+use crate::channel::{Delivered, Delivery, Error, send_traced};
 
 /// Step params the adapter reads itself; the others become `TemplateParam`.
 const RESERVED_PARAMS: [&str; 3] = ["sign_name", "template_code", "template_param"];
@@ -245,12 +245,7 @@ pub(super) async fn send(
     );
     let mut url = config.url.clone();
     url.set_query(Some(&query));
-    let mut request = http.get(url);
-    if !delivery.traceparent.is_empty() {
-        request = request.header("traceparent", &delivery.traceparent);
-    }
-    let response = request
-        .send()
+    let response = send_traced(http, http.get(url), &delivery.traceparent)
         .await
         .map_err(|error| transport_error(&error.without_url(), timeout))?;
     let status = response.status().as_u16();

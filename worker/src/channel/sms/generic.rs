@@ -12,7 +12,7 @@ use secrecy::ExposeSecret as _;
 use super::aliyun::percent_encode;
 use super::config::{Format, GenericConfig, render};
 use super::{retry_after, scrub, transport_error};
-use crate::channel::{Delivered, Delivery, Error};
+use crate::channel::{Delivered, Delivery, Error, send_traced};
 
 /// Characters of a rejecting gateway's answer kept in the step's detail.
 const DETAIL_CHARS: usize = 160;
@@ -76,11 +76,7 @@ pub(super) async fn send(
     if let Some(token) = &config.token {
         request = request.header(AUTHORIZATION, format!("Bearer {}", token.expose_secret()));
     }
-    if !delivery.traceparent.is_empty() {
-        request = request.header("traceparent", &delivery.traceparent);
-    }
-    let response = request
-        .send()
+    let response = send_traced(http, request, &delivery.traceparent)
         .await
         .map_err(|error| transport_error(&error.without_url(), timeout))?;
     let status = response.status();

@@ -3,8 +3,6 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use touchpoint_proto::security::root_cause;
-use touchpoint_proto::telemetry::continue_trace;
-use tracing::Instrument as _;
 
 use async_trait::async_trait;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
@@ -13,7 +11,7 @@ use secrecy::ExposeSecret as _;
 use serde::Serialize;
 
 use super::{Config, signature};
-use crate::channel::{ChannelAdapter, Contact, Delivered, Delivery, Error, http_client_span};
+use crate::channel::{ChannelAdapter, Contact, Delivered, Delivery, Error, send_traced};
 
 /// Characters of a rejecting receiver's answer kept in the step's detail.
 const DETAIL_BODY_CHARS: usize = 200;
@@ -84,23 +82,14 @@ impl ChannelAdapter for WebhookAdapter {
             .header(CONTENT_TYPE, "application/json")
             .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string());
-        let span = http_client_span("POST", &self.config.url);
-        if !delivery.traceparent.is_empty() {
-            // The receiver continues the HTTP call's span, within the run's trace.
-            let traceparent = continue_trace(&span, &delivery.traceparent);
-            request = request.header("traceparent", traceparent);
-        }
         if let Some(secret) = &self.config.secret {
             let signature = signature::sign(secret.expose_secret(), id, timestamp, &body);
             request = request.header("webhook-signature", signature);
         }
-        let response = request
-            .body(body)
-            .send()
-            .instrument(span.clone())
+        // The receiver continues the HTTP call's span, within the run's trace.
+        let response = send_traced(&self.http, request.body(body), &delivery.traceparent)
             .await
             .map_err(|error| transport_error(&error, self.config.timeout))?;
-        span.record("http.response.status_code", response.status().as_u16());
         classify(response).await
     }
 }

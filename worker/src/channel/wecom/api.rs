@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use touchpoint_proto::security::root_cause;
 
 use super::Config;
-use crate::channel::Error;
+use crate::channel::{Error, send_traced};
 
 /// `access_token` was refused: fetch a new one and try once more.
 pub(crate) const TOKEN_ERRCODES: [i64; 3] = [40014, 42001, 40001];
@@ -190,8 +190,7 @@ impl Api {
     /// Sends and reads a JSON answer: 5xx and transport errors are retryable, 429 slows
     /// down, any other non-2xx fails.
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value, Error> {
-        let response = request
-            .send()
+        let response = send_traced(&self.http, request, "")
             .await
             .map_err(|error| transport_error(error, self.timeout))?;
         let status = response.status();
