@@ -79,14 +79,22 @@ fn config_with_held_webhook(server: &str, url: &str) -> WorkerConfig {
 async fn says_hello_then_reports_each_task() {
     let (mut scheduler, server) = Scheduler::start().await;
     let mut config = WorkerConfig::console(&server, &["console", "wecom"]);
-    config.concurrency = 8;
+    for channel in &mut config.channels {
+        channel.concurrency = 4;
+    }
     config.worker_id = Some("worker-a".to_owned());
     let worker = Worker::start(config);
 
     let (hello, outbox) = scheduler.attached().await;
     assert_eq!(hello.worker_id, "worker-a");
     assert_eq!(hello.channels, ["console", "wecom"]);
-    assert_eq!(hello.capacity, 8);
+    assert_eq!(hello.capacity, 8, "the sum of its channels' slots");
+    let per_channel: std::collections::BTreeMap<_, _> =
+        hello.channel_capacity.into_iter().collect();
+    assert_eq!(
+        per_channel,
+        [("console".to_owned(), 4), ("wecom".to_owned(), 4)].into()
+    );
 
     outbox.send(task("run-1", "console")).unwrap();
     let result = scheduler.result().await;
