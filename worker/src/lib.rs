@@ -76,6 +76,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let registry = channel::Registry::from_config(&config.channels)?;
+    serve(config, registry, shutdown).await
+}
+
+/// [`run`] with the adapters of `registry`, which may hold adapters of the embedding
+/// program's own in place of configured ones (e.g. a benchmark's no-op recorder);
+/// `config.channels` still gives each channel's slots, rate and retry defaults.
+pub async fn serve(
+    config: WorkerConfig,
+    registry: channel::Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     channel::wecom::serve_callbacks(registry.wecom_adapters(), &config, stop.clone()).await?;
     let link = link::Link::new(&config, registry)?;

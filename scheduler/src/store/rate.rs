@@ -108,7 +108,6 @@ impl Store {
             .query_async(&mut conn)
             .await?;
         // Scores are whole ms, well inside f64's exact range.
-        #[expect(clippy::cast_possible_truncation)]
         let listed = listed
             .into_iter()
             .map(|(channel, until)| (channel, until as i64))
