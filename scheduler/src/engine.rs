@@ -400,35 +400,63 @@ impl Engine {
             );
         }
         let full_batch = claim.runs.len() >= limit;
-        let mut settled = Vec::new();
-        let mut ready = Vec::new();
-        for run in claim.runs {
-            match self.decide(run, now).await {
-                Decision::Settle(completion) => settled.push(*completion),
-                Decision::Deliver(delivery) => ready.push(*delivery),
-            }
-        }
-        let ready = self
-            .spend_budget(partition, ready, now, &mut settled)
-            .await?;
-        for (in_flight, task) in self.rate_limit(ready, now, &mut settled).await? {
-            if let Some(completion) = self.deliver(in_flight, task, now) {
-                settled.push(completion);
-            }
-        }
-        let mut next = [claim.next_due_ms, claim.next_lease_ms]
+        let next = [claim.next_due_ms, claim.next_lease_ms]
             .into_iter()
             .flatten()
             .min()
             .unwrap_or(i64::MAX)
             .min(now + millis(self.config.poll_interval));
-        for completion in &settled {
-            if let Op::Next { due_ms, .. } | Op::Retry { due_ms, .. } = completion.op {
-                next = next.min(due_ms);
-            }
-        }
-        self.store.complete(partition, now, &settled).await?;
+        let next = next.min(self.act_on(partition, claim.runs, now).await?);
         Ok(if full_batch { now } else { next })
+    }
+
+    /// Acts on leased runs of `partition`: settles those that need no worker, hands the
+    /// rest out, and records the settled outcomes. Runs whose next step is due at once
+    /// come back leased from that same script call (see `complete.lua`) and are acted on
+    /// in turn; steps only move forward, so this ends. Returns when the partition has
+    /// something due next among what was settled (`i64::MAX` for nothing).
+    async fn act_on(
+        &self,
+        partition: u16,
+        mut runs: Vec<ClaimedRun>,
+        mut now: i64,
+    ) -> crate::store::Result<i64> {
+        let lease_ms = u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX);
+        let mut next = i64::MAX;
+        while !runs.is_empty() {
+            let mut settled = Vec::new();
+            let mut ready = Vec::new();
+            for run in runs {
+                match self.decide(run, now).await {
+                    Decision::Settle(completion) => settled.push(*completion),
+                    Decision::Deliver(delivery) => ready.push(*delivery),
+                }
+            }
+            let ready = self
+                .spend_budget(partition, ready, now, &mut settled)
+                .await?;
+            for (in_flight, task) in self.rate_limit(ready, now, &mut settled).await? {
+                if let Some(completion) = self.deliver(in_flight, task, now) {
+                    settled.push(completion);
+                }
+            }
+            for completion in &settled {
+                match completion.op {
+                    // Due now: leased again by the script below.
+                    Op::Next { due_ms, .. } if due_ms <= now => {}
+                    Op::Next { due_ms, .. } | Op::Retry { due_ms, .. } => next = next.min(due_ms),
+                    _ => {}
+                }
+            }
+            runs = self
+                .store
+                .complete_and_claim(partition, now, &settled, Some(lease_ms))
+                .await?
+                .claimed;
+            metrics().scheduler.steps_claimed.inc_by(runs.len() as u64);
+            now = now_ms();
+        }
+        Ok(next)
     }
 
     async fn decide(&self, run: ClaimedRun, now: i64) -> Decision {
@@ -1495,8 +1523,30 @@ impl Engine {
                 by_partition.entry(partition).or_default().push(completion);
             }
             for (partition, completions) in by_partition {
-                match self.store.complete(partition, now_ms(), &completions).await {
-                    Ok((_, stale)) => {
+                let lease_ms = u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX);
+                let now = now_ms();
+                // Stopping: record only, hand nothing more out.
+                let lease_ms = Some(lease_ms).filter(|_| !stopping);
+                let recorded = self
+                    .store
+                    .complete_and_claim(partition, now, &completions, lease_ms)
+                    .await;
+                match recorded {
+                    Ok(completed) => {
+                        let stale = completed.stale;
+                        if !completed.claimed.is_empty() {
+                            metrics()
+                                .scheduler
+                                .steps_claimed
+                                .inc_by(completed.claimed.len() as u64);
+                            // The runs whose next step is due now, leased already.
+                            match self.act_on(partition, completed.claimed, now_ms()).await {
+                                Ok(next) => self.schedule_check(partition, next),
+                                Err(err) => {
+                                    warn!(partition, error = %err, "acting on steps due at once failed; they go out again when their leases expire")
+                                }
+                            }
+                        }
                         if stale > 0 {
                             info!(
                                 partition,
@@ -1504,10 +1554,13 @@ impl Engine {
                             );
                         }
                         for completion in &completions {
-                            if let Op::Next { due_ms, .. } | Op::Retry { due_ms, .. } =
-                                completion.op
-                            {
-                                self.schedule_check(partition, due_ms);
+                            match completion.op {
+                                // Due now: leased again already (unless stopping).
+                                Op::Next { due_ms, .. } if !stopping && due_ms <= now => {}
+                                Op::Next { due_ms, .. } | Op::Retry { due_ms, .. } => {
+                                    self.schedule_check(partition, due_ms);
+                                }
+                                _ => {}
                             }
                         }
                     }

@@ -197,6 +197,17 @@ pub struct Claim {
     pub next_lease_ms: Option<i64>,
 }
 
+/// What [`Store::complete_and_claim`] did.
+#[derive(Debug, Default)]
+pub struct Completed {
+    /// Outcomes recorded.
+    pub applied: u64,
+    /// Outcomes refused: their lease had ended or been superseded.
+    pub stale: u64,
+    /// Runs leased again at once, their next step due now.
+    pub claimed: Vec<ClaimedRun>,
+}
+
 /// What an outcome does to a leased run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -474,7 +485,7 @@ impl Store {
             ("c", run.contact.id.clone()),
             ("i", run.first_step.to_string()),
             ("a", "1".to_owned()),
-            ("f", "0".to_owned()),
+            ("f", "1".to_owned()),
             ("due", run.due_ms.to_string()),
             ("ca", run.now_ms.to_string()),
             ("ua", run.now_ms.to_string()),
@@ -593,8 +604,24 @@ impl Store {
         now_ms: i64,
         completions: &[Completion],
     ) -> Result<(u64, u64)> {
+        let completed = self
+            .complete_and_claim(partition, now_ms, completions, None)
+            .await?;
+        Ok((completed.applied, completed.stale))
+    }
+
+    /// [`Store::complete`], and with `lease_ms`, leases at once each run whose next
+    /// step is due now and returns it as [`Store::claim`] would: a chain of steps then
+    /// costs one script call per step.
+    pub async fn complete_and_claim(
+        &self,
+        partition: u16,
+        now_ms: i64,
+        completions: &[Completion],
+        lease_ms: Option<u64>,
+    ) -> Result<Completed> {
         if completions.is_empty() {
-            return Ok((0, 0));
+            return Ok(Completed::default());
         }
         let mut conn = self.conn.clone();
         let mut invocation = self.scripts.complete.prepare_invoke();
@@ -610,7 +637,9 @@ impl Store {
             .arg(self.keys.waits_prefix(partition))
             .arg(self.keys.goals_prefix(partition))
             .arg(self.keys.events_prefix(partition))
-            .arg(self.keys.paused_runs_prefix(partition));
+            .arg(self.keys.paused_runs_prefix(partition))
+            .arg(lease_ms.map(|ms| ms.to_string()).unwrap_or_default())
+            .arg(self.keys.contact_prefix(partition));
         for completion in completions {
             let mut wait_event = "";
             let mut then = String::new();
@@ -654,9 +683,13 @@ impl Store {
                 .arg(wait_event)
                 .arg(then);
         }
-        let (applied, stale): (u64, u64) =
+        let (applied, stale, claimed): (u64, u64, Vec<redis::Value>) =
             timed("complete", invocation.invoke_async(&mut conn)).await?;
-        Ok((applied, stale))
+        Ok(Completed {
+            applied,
+            stale,
+            claimed: parse_claimed(partition, claimed)?,
+        })
     }
 
     /// Extends the leases of `tasks` (run id, fencing token) of `partition` to
@@ -837,6 +870,17 @@ fn protocol(what: &str) -> Error {
 fn parse_claim(partition: u16, value: redis::Value) -> Result<Claim> {
     let (entries, expired, next_due, next_lease): (Vec<redis::Value>, u64, String, String) =
         redis::from_redis_value(value)?;
+    let score = |text: String| text.parse::<f64>().ok().map(|ms| ms as i64);
+    Ok(Claim {
+        runs: parse_claimed(partition, entries)?,
+        expired,
+        next_due_ms: score(next_due),
+        next_lease_ms: score(next_lease),
+    })
+}
+
+/// The runs a script leased, each as claim.lua lists them.
+fn parse_claimed(partition: u16, entries: Vec<redis::Value>) -> Result<Vec<ClaimedRun>> {
     let mut runs = Vec::with_capacity(entries.len());
     for entry in entries {
         type Row = (
@@ -888,13 +932,7 @@ fn parse_claim(partition: u16, value: redis::Value) -> Result<Claim> {
             resume_state,
         });
     }
-    let score = |text: String| text.parse::<f64>().ok().map(|ms| ms as i64);
-    Ok(Claim {
-        runs,
-        expired,
-        next_due_ms: score(next_due),
-        next_lease_ms: score(next_lease),
-    })
+    Ok(runs)
 }
 
 fn run_record(

@@ -1,6 +1,9 @@
 -- Claims due steps of one partition: returns expired leases to due (their attempt
--- counted), then moves up to `limit` due runs into the lease set under a new fencing
--- token and returns what the scheduler needs to act on them.
+-- counted, their fencing token moved on), then moves up to `limit` due runs into the
+-- lease set under their fencing token and returns what the scheduler needs to act on
+-- them. A run's `f` is the token of its next hand-out: it moves on whenever an attempt
+-- ends (outcome recorded, lease expired, run cancelled or woken), so claiming writes
+-- nothing to the run.
 -- KEYS[1] due set, KEYS[2] lease set
 -- ARGV[1] now ms, ARGV[2] limit, ARGV[3] lease ms, ARGV[4] run key prefix, ARGV[5] contact key prefix
 -- Returns {claimed, expired count, next due ms or '', next lease deadline or ''};
@@ -18,6 +21,7 @@ for _, id in ipairs(expired) do
   if redis.call('EXISTS', runs .. id) == 1 then
     redis.call('ZADD', KEYS[1], now, id)
     redis.call('HINCRBY', runs .. id, 'a', 1)
+    redis.call('HINCRBY', runs .. id, 'f', 1)
     redis.call('HSET', runs .. id, 'd', 'lease expired before the worker reported')
   end
 end
@@ -27,12 +31,14 @@ end
 
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local claimed = {}
+local leased = {}
 for _, id in ipairs(ids) do
   local key = runs .. id
-  local run = redis.call('HMGET', key, 'st', 'pb', 'v', 'c', 'i', 'a', 'tp', 'due', 'ws', 'ca', 'ev', 'rs')
+  local run = redis.call('HMGET', key, 'st', 'pb', 'v', 'c', 'i', 'a', 'tp', 'due', 'ws', 'ca', 'ev', 'rs', 'f')
   if run[1] == 'active' then
-    local fence = redis.call('HINCRBY', key, 'f', 1)
-    redis.call('ZADD', KEYS[2], deadline, id)
+    local fence = tonumber(run[13] or '1')
+    leased[#leased + 1] = deadline
+    leased[#leased + 1] = id
     local contact = redis.call('HGETALL', ARGV[5] .. run[4])
     claimed[#claimed + 1] = {id, fence, run[2], run[3], run[4], run[5], run[6], run[7], run[8], contact,
       {run[9] or '', run[10] or '0', run[11] or '', run[12] or ''}}
@@ -40,6 +46,10 @@ for _, id in ipairs(ids) do
 end
 if #ids > 0 then
   redis.call('ZREM', KEYS[1], unpack(ids))
+end
+-- One ZADD for the batch (in chunks, within Lua's unpack limit).
+for n = 1, #leased, 2000 do
+  redis.call('ZADD', KEYS[2], unpack(leased, n, math.min(n + 1999, #leased)))
 end
 
 local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')

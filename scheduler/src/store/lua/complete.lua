@@ -1,13 +1,17 @@
 -- Applies a batch of outcomes for leased runs of one partition. An outcome counts
--- only while its run is still leased under the same fencing token; a stale one (the
--- lease expired and the step was handed out again, or the run was cancelled) is
--- ignored and counted, as is a second outcome for the same run in one batch (a worker
--- that re-attached may report a result twice).
+-- only while its run is active and still holds the same fencing token (`f`, which
+-- moves on whenever an attempt ends: an outcome recorded, a lease expired, the run
+-- cancelled); a stale one is ignored and counted, as is a second outcome for the same
+-- run in one batch (a worker that re-attached may report a result twice).
+-- With a lease time (ARGV[10]), a run whose next step is due now is leased again at
+-- once and returned like claim.lua returns it, so a chain of steps costs one script
+-- call per step rather than a completion and a claim.
 -- KEYS[1] due set, KEYS[2] lease set, KEYS[3] dead-letter set
 -- ARGV[1] run key prefix, ARGV[2] now ms, ARGV[3] retention of finished runs (s),
 -- ARGV[4] prefix of the per-playbook dead-letter sets, ARGV[5] stats prefix,
 -- ARGV[6] waits prefix, ARGV[7] goals prefix, ARGV[8] event lookback prefix,
--- ARGV[9] paused-runs prefix,
+-- ARGV[9] paused-runs prefix, ARGV[10] lease ms ('' = lease nothing), ARGV[11] contact
+-- key prefix,
 -- then per outcome 14 values:
 --   id, fence, op, index, due, attempt, status, detail, timeline line, dead ('1'),
 --   stat (funnel counter of the step being left or held: done, skipped, capped, failed,
@@ -23,8 +27,10 @@
 -- 'park' moves a run of a paused playbook aside, keeping its due time.
 -- The step's resume state (`rs`, saved by TaskProgress) goes when the run leaves the
 -- step ('next', 'finish'); a 'retry' keeps it for the next attempt.
--- Returns {applied, stale}.
+-- Returns {applied, stale, claimed (as claim.lua's)}.
 local runs, now, retention = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local lease_ms, contacts = tonumber(ARGV[10]), ARGV[11]
+local claimed, leased, scheduled = {}, {}, {}
 local dead_by_playbook, stats_prefix = ARGV[4], ARGV[5]
 local waits_prefix, goals_prefix, events_prefix, paused_prefix = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local applied, stale = 0, 0
@@ -63,12 +69,11 @@ local function finish(key, id, run, status, fields, dead)
   end
   count(stats_prefix .. run[3] .. ':' .. run[4], 'runs:' .. status)
 end
-for i = 10, #ARGV, 14 do
+for i = 12, #ARGV, 14 do
   local id = ARGV[i]
   local key = runs .. id
-  -- f, t, pb, v, c, i, g, ca, rs
-  local run = redis.call('HMGET', key, 'f', 't', 'pb', 'v', 'c', 'i', 'g', 'ca', 'rs')
-  if not seen[id] and redis.call('ZSCORE', KEYS[2], id) and run[1] == ARGV[i + 1] then
+  local run = redis.call('HMGET', key, 'f', 't', 'pb', 'v', 'c', 'i', 'g', 'ca', 'rs', 'st', 'tp', 'ev', 'ws')
+  if not seen[id] and run[10] == 'active' and run[1] == ARGV[i + 1] then
     seen[id] = true
     released[#released + 1] = id
     local op, index, due = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
@@ -103,6 +108,7 @@ for i = 10, #ARGV, 14 do
         due = now + tonumber(string.sub(packed, c + 1))
         stat = 'done'
         redis.call('HSET', key, 'ev', matched)
+        run[12] = matched
       else
         line = ''
         redis.call('HSET', waits_prefix .. run[5], id, event .. ' ' .. run[6] .. ' ' .. ARGV[i + 13])
@@ -116,7 +122,8 @@ for i = 10, #ARGV, 14 do
     if run[9] and (op == 'next' or op == 'finish') then
       redis.call('HDEL', key, 'rs')
     end
-    local fields = {'ua', now, 'd', ARGV[i + 7], 'i', index}
+    local fence = tonumber(run[1]) + 1
+    local fields = {'ua', now, 'd', ARGV[i + 7], 'i', index, 'f', fence}
     local timeline = append(run[2], line)
     if timeline then
       fields[#fields + 1] = 't'
@@ -137,7 +144,16 @@ for i = 10, #ARGV, 14 do
         fields[#fields + 1] = run[6]
       end
       redis.call('HSET', key, unpack(fields))
-      redis.call('ZADD', KEYS[1], due, id)
+      if op == 'next' and lease_ms and tonumber(due) <= now then
+        leased[#leased + 1] = now + lease_ms
+        leased[#leased + 1] = id
+        local contact = redis.call('HGETALL', contacts .. run[5])
+        claimed[#claimed + 1] = {id, fence, run[3], run[4], run[5], tonumber(index), 1, run[11] or '', due,
+          contact, {run[13] or '', run[8] or '0', run[12] or '', ''}}
+      else
+        scheduled[#scheduled + 1] = due
+        scheduled[#scheduled + 1] = id
+      end
       if op == 'next' then
         count(stats, index .. ':in')
       end
@@ -150,9 +166,17 @@ end
 if #released > 0 then
   redis.call('ZREM', KEYS[2], unpack(released))
 end
+-- One ZADD per set for the batch (in chunks, within Lua's unpack limit); leases after
+-- the ZREM above, which released every applied run.
+for n = 1, #scheduled, 2000 do
+  redis.call('ZADD', KEYS[1], unpack(scheduled, n, math.min(n + 1999, #scheduled)))
+end
+for n = 1, #leased, 2000 do
+  redis.call('ZADD', KEYS[2], unpack(leased, n, math.min(n + 1999, #leased)))
+end
 for key, fields in pairs(counts) do
   for field, n in pairs(fields) do
     redis.call('HINCRBY', key, field, n)
   end
 end
-return {applied, stale}
+return {applied, stale, claimed}
