@@ -109,6 +109,7 @@ impl Telemetry {
             (None, None)
         };
         let otel = provider.as_ref().map(|provider| {
+            EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing_opentelemetry::layer().with_tracer(provider.tracer("touchpoint"))
         });
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -179,16 +180,20 @@ fn tracer_provider(service: &'static str) -> Result<SdkTracerProvider, String> {
 /// then one search away (`tp run get` prints the trace id), which on-call engineers
 /// prefer over following links between per-step traces.
 pub fn continue_trace(span: &Span, parent: &str) -> String {
-    let parent_cx = TraceContextPropagator::new().extract(&HashMap::from([(
-        "traceparent".to_owned(),
-        parent.to_owned(),
-    )]));
-    let has_parent = parent_cx.span().span_context().is_valid();
-    if has_parent {
-        let _ = span.set_parent(parent_cx);
-    }
-    let own = span.context();
-    let context = own.span().span_context().clone();
+    // Without export there is no OpenTelemetry layer to ask: skip the propagator, which
+    // costs as much as the rest of a step's hand-out.
+    let context = if EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
+        let parent_cx = TraceContextPropagator::new().extract(&HashMap::from([(
+            "traceparent".to_owned(),
+            parent.to_owned(),
+        )]));
+        if parent_cx.span().span_context().is_valid() {
+            let _ = span.set_parent(parent_cx);
+        }
+        span.context().span().span_context().clone()
+    } else {
+        opentelemetry::trace::SpanContext::empty_context()
+    };
     let traceparent = if context.is_valid() {
         format!(
             "00-{}-{}-{:02x}",
@@ -198,8 +203,14 @@ pub fn continue_trace(span: &Span, parent: &str) -> String {
         )
     } else {
         // No OpenTelemetry layer (export off): mint the ids ourselves.
-        let trace = trace_id(parent).map_or_else(|| random_hex(16), str::to_owned);
-        format!("00-{trace}-{}-01", random_hex(8))
+        use rand::Rng as _;
+        let mut rng = rand::rng();
+        // Zero ids are invalid; `| 1` keeps them off it.
+        let span_id = rng.random::<u64>() | 1;
+        match trace_id(parent) {
+            Some(trace) => format!("00-{trace}-{span_id:016x}-01"),
+            None => format!("00-{:032x}-{span_id:016x}-01", rng.random::<u128>() | 1),
+        }
     };
     if let Some(trace) = trace_id(&traceparent) {
         span.record("trace_id", trace);
@@ -225,13 +236,8 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
     valid.then_some(trace)
 }
 
-fn random_hex(bytes: usize) -> String {
-    use rand::Rng as _;
-    let mut rng = rand::rng();
-    (0..bytes)
-        .map(|_| format!("{:02x}", rng.random::<u8>()))
-        .collect()
-}
+/// Set once an OpenTelemetry exporter is installed ([`Telemetry::init`]).
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The `trace_id` / `span_id` a span recorded, kept in its extensions.
 #[derive(Debug, Clone, Default)]

@@ -6,7 +6,7 @@
 #   tests/bench/compare.sh            # chain 20,000 x 4, burst 50,000, enroll 100,000
 #   CONTACTS=5000 tests/bench/compare.sh   # smaller, for a quick look
 #
-# Needs redis-server, node and npm (npm ci installs BullMQ from the lock file).
+# Needs redis-server, node and npm (npm installs BullMQ as the lock file pins it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -26,7 +26,7 @@ cargo build --release -p touchpoint-tests --bin touchpoint-bench
 BENCH=target/release/touchpoint-bench
 URL="redis://127.0.0.1:$PORT"
 
-(cd tests/bench/bullmq && [ -d node_modules ] || npm ci --silent)
+(cd tests/bench/bullmq && [ -d node_modules ] || npm install --no-audit --no-fund --silent)
 
 echo "== BullMQ"
 (cd tests/bench/bullmq && REDIS_PORT=$PORT node chain.js "$CONTACTS" 4 50) | tee "$OUT/bullmq-chain.json"

@@ -25,6 +25,10 @@ use touchpoint_worker::channel::{
     ChannelAdapter, Delivered, Delivery, Error as ChannelError, Registry,
 };
 
+/// The allocator the scheduler and worker binaries use.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The channel every benchmark playbook sends on.
 const CHANNEL: &str = "bench";
 /// Runs per `EnrollBatch` call.
