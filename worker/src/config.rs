@@ -366,7 +366,7 @@ impl RawChannel {
                 ));
             }
             Some("log") => {
-                self.reject_settings(at, "log")?;
+                self.reject_settings_except(at, "kind \"log\"", &[])?;
                 ChannelKind::Log
             }
             Some("webhook") => ChannelKind::Webhook(webhook::Config::from_raw(&self, at, env)?),
@@ -407,9 +407,10 @@ impl RawChannel {
         })
     }
 
-    /// Fails on the first setting the kind takes no part of.
-    fn reject_settings(&self, at: &str, kind: &str) -> Result<(), Error> {
-        let settings = [
+    /// Every kind-specific setting, with whether it is set (`name`, `kind`, `retry`,
+    /// `rate`, `burst` and `concurrency` apply to every kind and are not listed).
+    fn kind_settings(&self) -> Vec<(&'static str, bool)> {
+        vec![
             ("url", self.url.is_some()),
             ("secret_env", self.secret_env.is_some()),
             ("timeout", self.timeout.is_some()),
@@ -432,14 +433,33 @@ impl RawChannel {
             ("tls", self.tls.is_some()),
             ("ca_file", self.ca_file.is_some()),
             ("endpoint", self.endpoint.is_some()),
-        ];
-        match settings.iter().find(|(_, present)| *present) {
-            Some((setting, _)) => Err(Error::field(
-                format!("{at}.{setting}"),
-                format!("not allowed for kind {kind:?}"),
-            )),
-            None => Ok(()),
-        }
+            ("corp_id", self.corp_id.is_some()),
+            ("base_url", self.base_url.is_some()),
+            ("confirm_poll", self.confirm_poll.is_some()),
+            ("confirm_timeout", self.confirm_timeout.is_some()),
+            (
+                "rate_limit_retry_after",
+                self.rate_limit_retry_after.is_some(),
+            ),
+            ("sender", self.sender.is_some()),
+            ("fallback_channel", self.fallback_channel.is_some()),
+            ("callback_listen", self.callback_listen.is_some()),
+            ("callback_path", self.callback_path.is_some()),
+            ("encoding_aes_key_env", self.encoding_aes_key_env.is_some()),
+        ]
+    }
+
+    /// Fails on the first kind-specific setting that is set but not among `takes`, the
+    /// settings of `what` (e.g. `kind "grpc"`).
+    pub(crate) fn reject_settings_except(
+        &self,
+        at: &str,
+        what: &str,
+        takes: &[&str],
+    ) -> Result<(), Error> {
+        let mut unused = self.kind_settings();
+        unused.retain(|(name, _)| !takes.contains(name));
+        reject_unused(at, what, &unused)
     }
 }
 

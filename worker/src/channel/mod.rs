@@ -5,8 +5,12 @@
 //! answers [`Delivered`] or an [`Error`] that says whether another attempt may succeed.
 
 pub mod grpc;
+mod http;
 pub mod log;
 mod registry;
+
+pub use http::send_traced;
+pub(crate) use http::{retry_after, transport_error};
 pub mod sms;
 pub mod smtp;
 pub mod webhook;
@@ -19,7 +23,6 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::Serialize;
-use tracing::Instrument as _;
 
 pub use registry::Registry;
 
@@ -258,40 +261,6 @@ impl Error {
             | Self::Skipped { detail } => detail,
         }
     }
-}
-
-/// Sends an adapter's outbound HTTP call inside a client span (OpenTelemetry HTTP
-/// semantic conventions; the URL's path and query stay out of it: they may carry tokens
-/// or signatures). With the delivery's `traceparent` (empty for none), the request
-/// carries the span's own, so the provider continues the run's trace under the call.
-pub async fn send_traced(
-    http: &reqwest::Client,
-    request: reqwest::RequestBuilder,
-    traceparent: &str,
-) -> reqwest::Result<reqwest::Response> {
-    let mut request = request.build()?;
-    let method = request.method().as_str().to_owned();
-    let url = request.url();
-    let span = tracing::info_span!(
-        "http",
-        otel.name = %method,
-        otel.kind = "client",
-        http.request.method = %method,
-        server.address = url.host_str().unwrap_or_default(),
-        server.port = url.port_or_known_default().unwrap_or_default(),
-        http.response.status_code = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-    );
-    if !traceparent.is_empty() {
-        let traceparent = touchpoint_proto::telemetry::continue_trace(&span, traceparent);
-        if let Ok(value) = reqwest::header::HeaderValue::from_str(&traceparent) {
-            request.headers_mut().insert("traceparent", value);
-        }
-    }
-    let response = http.execute(request).instrument(span.clone()).await?;
-    span.record("http.response.status_code", response.status().as_u16());
-    Ok(response)
 }
 
 /// Delivers steps through one kind of channel (webhook, log, ...).

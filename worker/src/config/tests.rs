@@ -381,3 +381,29 @@ fn a_channel_may_set_its_own_concurrency() {
         "channel[0].concurrency: expected at least 1, got 0"
     );
 }
+
+#[test]
+fn each_kind_refuses_the_settings_of_other_kinds() {
+    let cases = [
+        (
+            "log",
+            "corp_id = \"ww1\"",
+            "channel[0].corp_id: not allowed for kind \"log\"",
+        ),
+        (
+            "webhook",
+            "url = \"http://127.0.0.1:1/h\"\nhost = \"smtp.example.com\"",
+            "channel[0].host: not allowed for kind \"webhook\"",
+        ),
+        (
+            "grpc",
+            "endpoint = \"http://127.0.0.1:7000\"\nsender = \"zhangsan\"",
+            "channel[0].sender: not allowed for kind \"grpc\"",
+        ),
+    ];
+    for (kind, settings, expected) in cases {
+        let text = format!("[[channel]]\nname = \"c\"\nkind = \"{kind}\"\n{settings}\n");
+        let error = parse(&text).unwrap_err();
+        assert_eq!(error.to_string(), expected, "{text}");
+    }
+}

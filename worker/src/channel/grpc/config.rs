@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::config::{Error, RawChannel, check_http_url, duration_or, reject_unused};
+use crate::config::{Error, RawChannel, check_http_url, duration_or};
 
 /// A grpc channel's settings.
 #[derive(Debug, Clone)]
@@ -25,29 +25,7 @@ impl Config {
         at: &str,
         _env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, Error> {
-        reject_unused(
-            at,
-            "kind \"grpc\"",
-            &[
-                ("url", raw.url.is_some()),
-                ("secret_env", raw.secret_env.is_some()),
-                ("provider", raw.provider.is_some()),
-                ("access_key_id", raw.access_key_id.is_some()),
-                ("access_key_secret_env", raw.access_key_secret_env.is_some()),
-                ("sign_name", raw.sign_name.is_some()),
-                ("template_code", raw.template_code.is_some()),
-                ("format", raw.format.is_some()),
-                ("fields", raw.fields.is_some()),
-                ("token_env", raw.token_env.is_some()),
-                ("host", raw.host.is_some()),
-                ("port", raw.port.is_some()),
-                ("username", raw.username.is_some()),
-                ("password_env", raw.password_env.is_some()),
-                ("from", raw.from.is_some()),
-                ("tls", raw.tls.is_some()),
-                ("ca_file", raw.ca_file.is_some()),
-            ],
-        )?;
+        raw.reject_settings_except(at, "kind \"grpc\"", &["endpoint", "timeout"])?;
         let Some(endpoint) = &raw.endpoint else {
             return Err(Error::field(
                 format!("{at}.endpoint"),

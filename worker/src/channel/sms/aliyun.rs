@@ -32,8 +32,8 @@ use serde::Deserialize;
 use sha1::Sha1;
 
 use super::config::AliyunConfig;
-use super::{retry_after, scrub, transport_error};
-use crate::channel::{Delivered, Delivery, Error, send_traced};
+use super::scrub;
+use crate::channel::{Delivered, Delivery, Error, retry_after, send_traced, transport_error};
 
 /// Step params the adapter reads itself; the others become `TemplateParam`.
 const RESERVED_PARAMS: [&str; 3] = ["sign_name", "template_code", "template_param"];
@@ -247,9 +247,9 @@ pub(super) async fn send(
     url.set_query(Some(&query));
     let response = send_traced(http, http.get(url), &delivery.traceparent)
         .await
-        .map_err(|error| transport_error(&error.without_url(), timeout))?;
+        .map_err(|error| transport_error(error, timeout))?;
     let status = response.status().as_u16();
-    let after = retry_after(response.headers());
+    let after = retry_after(response.headers(), std::time::SystemTime::now());
     let body = read_body(response).await;
     classify(status, after, &body)
 }

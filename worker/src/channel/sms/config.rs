@@ -91,19 +91,20 @@ impl Config {
         at: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, Error> {
-        reject_unused(
+        raw.reject_settings_except(
             at,
             "kind \"sms\"",
             &[
-                ("secret_env", raw.secret_env.is_some()),
-                ("host", raw.host.is_some()),
-                ("port", raw.port.is_some()),
-                ("username", raw.username.is_some()),
-                ("password_env", raw.password_env.is_some()),
-                ("from", raw.from.is_some()),
-                ("tls", raw.tls.is_some()),
-                ("ca_file", raw.ca_file.is_some()),
-                ("endpoint", raw.endpoint.is_some()),
+                "url",
+                "timeout",
+                "provider",
+                "access_key_id",
+                "access_key_secret_env",
+                "sign_name",
+                "template_code",
+                "format",
+                "fields",
+                "token_env",
             ],
         )?;
         let timeout = duration_or(

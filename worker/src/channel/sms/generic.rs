@@ -11,8 +11,8 @@ use secrecy::ExposeSecret as _;
 
 use super::aliyun::percent_encode;
 use super::config::{Format, GenericConfig, render};
-use super::{retry_after, scrub, transport_error};
-use crate::channel::{Delivered, Delivery, Error, send_traced};
+use super::scrub;
+use crate::channel::{Delivered, Delivery, Error, retry_after, send_traced, transport_error};
 
 /// Characters of a rejecting gateway's answer kept in the step's detail.
 const DETAIL_CHARS: usize = 160;
@@ -78,13 +78,13 @@ pub(super) async fn send(
     }
     let response = send_traced(http, request, &delivery.traceparent)
         .await
-        .map_err(|error| transport_error(&error.without_url(), timeout))?;
+        .map_err(|error| transport_error(error, timeout))?;
     let status = response.status();
     let code = status.as_u16();
     if status.is_success() {
         return Ok(Delivered::new(format!("HTTP {code}")));
     }
-    let after = retry_after(response.headers());
+    let after = retry_after(response.headers(), std::time::SystemTime::now());
     if status == StatusCode::TOO_MANY_REQUESTS {
         return Err(Error::rate_limited(format!("HTTP {code}"), after));
     }

@@ -6,11 +6,7 @@ mod aliyun;
 mod config;
 mod generic;
 
-use std::time::{Duration, SystemTime};
-
 use async_trait::async_trait;
-use reqwest::header::{HeaderMap, RETRY_AFTER};
-use touchpoint_proto::security::root_cause;
 
 pub use config::{AliyunConfig, Config, Format, GenericConfig, Provider};
 
@@ -107,36 +103,6 @@ pub(crate) fn scrub(text: &str, max: usize) -> String {
     }
     flush(&mut digits, &mut out);
     out.trim().chars().take(max).collect()
-}
-
-/// `Retry-After` as delta-seconds or as an HTTP-date (a date in the past means now).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
-}
-
-/// A request that got no answer: worth retrying, unless it could not even be built.
-/// The detail names the cause only (never the URL, whose query holds the phone number).
-fn transport_error(error: &reqwest::Error, timeout: Duration) -> Error {
-    if error.is_builder() {
-        Error::permanent(format!("invalid request: {}", root_cause(error)))
-    } else if error.is_timeout() {
-        Error::retryable(format!(
-            "timeout after {}",
-            humantime::format_duration(timeout)
-        ))
-    } else if error.is_connect() {
-        Error::retryable(format!("connect error: {}", root_cause(error)))
-    } else {
-        Error::retryable(format!("request failed: {}", root_cause(error)))
-    }
 }
 
 #[cfg(test)]

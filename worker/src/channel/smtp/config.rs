@@ -8,7 +8,7 @@ use std::time::Duration;
 use lettre::message::Mailbox;
 use secrecy::SecretString;
 
-use crate::config::{Error, RawChannel, duration_or, env_secret, reject_unused};
+use crate::config::{Error, RawChannel, duration_or, env_secret};
 
 /// An smtp channel's settings, with its password and CA already read.
 #[derive(Debug, Clone)]
@@ -50,21 +50,18 @@ impl Config {
         at: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, Error> {
-        reject_unused(
+        raw.reject_settings_except(
             at,
             "kind \"smtp\"",
             &[
-                ("url", raw.url.is_some()),
-                ("secret_env", raw.secret_env.is_some()),
-                ("provider", raw.provider.is_some()),
-                ("access_key_id", raw.access_key_id.is_some()),
-                ("access_key_secret_env", raw.access_key_secret_env.is_some()),
-                ("sign_name", raw.sign_name.is_some()),
-                ("template_code", raw.template_code.is_some()),
-                ("format", raw.format.is_some()),
-                ("fields", raw.fields.is_some()),
-                ("token_env", raw.token_env.is_some()),
-                ("endpoint", raw.endpoint.is_some()),
+                "timeout",
+                "host",
+                "port",
+                "username",
+                "password_env",
+                "from",
+                "tls",
+                "ca_file",
             ],
         )?;
         let host = match raw.host.as_deref().map(str::trim) {

@@ -1,17 +1,18 @@
 //! One delivery as one signed POST, and the answer classified: 2xx done, 429/5xx retry,
 //! any other status fails the step.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use touchpoint_proto::security::root_cause;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use reqwest::header::CONTENT_TYPE;
 use reqwest::{Response, StatusCode};
 use secrecy::ExposeSecret as _;
 use serde::Serialize;
 
 use super::{Config, signature};
-use crate::channel::{ChannelAdapter, Contact, Delivered, Delivery, Error, send_traced};
+use crate::channel::{
+    ChannelAdapter, Contact, Delivered, Delivery, Error, retry_after, send_traced, transport_error,
+};
 
 /// Characters of a rejecting receiver's answer kept in the step's detail.
 const DETAIL_BODY_CHARS: usize = 200;
@@ -89,7 +90,7 @@ impl ChannelAdapter for WebhookAdapter {
         // The receiver continues the HTTP call's span, within the run's trace.
         let response = send_traced(&self.http, request.body(body), &delivery.traceparent)
             .await
-            .map_err(|error| transport_error(&error, self.config.timeout))?;
+            .map_err(|error| transport_error(error, self.config.timeout))?;
         classify(response).await
     }
 }
@@ -121,16 +122,6 @@ async fn classify(response: Response) -> Result<Delivered, Error> {
     }))
 }
 
-/// `Retry-After` as delta-seconds or as an HTTP-date (a date in the past means now).
-fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
-}
-
 /// The first [`DETAIL_BODY_CHARS`] characters of the answer, on one line. Reads only
 /// what it needs, however large the answer.
 async fn body_excerpt(mut response: Response) -> String {
@@ -149,58 +140,4 @@ async fn body_excerpt(mut response: Response) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     excerpt.trim().to_owned()
-}
-
-/// A request that got no answer: worth retrying, unless it could not even be built.
-/// The detail names the cause only (never the URL, which may carry a token).
-fn transport_error(error: &reqwest::Error, timeout: Duration) -> Error {
-    if error.is_builder() {
-        Error::permanent(format!("invalid request: {}", root_cause(error)))
-    } else if error.is_timeout() {
-        Error::retryable(format!(
-            "timeout after {}",
-            humantime::format_duration(timeout)
-        ))
-    } else if error.is_connect() {
-        Error::retryable(format!("connect error: {}", root_cause(error)))
-    } else {
-        Error::retryable(format!("request failed: {}", root_cause(error)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
-
-    use super::*;
-
-    fn headers(retry_after_value: &str) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            RETRY_AFTER,
-            HeaderValue::from_str(retry_after_value).unwrap(),
-        );
-        headers
-    }
-
-    #[test]
-    fn retry_after_takes_seconds_or_a_date() {
-        let now = httpdate::parse_http_date("Wed, 21 Oct 2026 07:28:00 GMT").unwrap();
-        assert_eq!(
-            retry_after(&headers("120"), now),
-            Some(Duration::from_secs(120))
-        );
-        assert_eq!(
-            retry_after(&headers("Wed, 21 Oct 2026 07:28:30 GMT"), now),
-            Some(Duration::from_secs(30))
-        );
-        assert_eq!(
-            retry_after(&headers("Wed, 21 Oct 2026 07:00:00 GMT"), now),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(retry_after(&headers("soon"), now), None);
-        assert_eq!(retry_after(&HeaderMap::new(), now), None);
-    }
 }

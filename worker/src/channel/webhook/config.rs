@@ -28,6 +28,7 @@ impl Config {
         at: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, Error> {
+        raw.reject_settings_except(at, "kind \"webhook\"", &["url", "secret_env", "timeout"])?;
         let Some(url) = &raw.url else {
             return Err(Error::field(
                 format!("{at}.url"),

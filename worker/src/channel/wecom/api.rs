@@ -8,10 +8,9 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
-use touchpoint_proto::security::root_cause;
 
 use super::Config;
-use crate::channel::{Error, send_traced};
+use crate::channel::{Error, send_traced, transport_error};
 
 /// `access_token` was refused: fetch a new one and try once more.
 pub(crate) const TOKEN_ERRCODES: [i64; 3] = [40014, 42001, 40001];
@@ -267,25 +266,5 @@ fn prefix(what: &str, error: Error) -> Error {
         },
         Error::Permanent { detail } => Error::permanent(format!("{what}: {detail}")),
         Error::Skipped { detail } => Error::skipped(format!("{what}: {detail}")),
-    }
-}
-
-/// A request without a usable answer; the detail never has the URL (it carries the
-/// secret or the token).
-fn transport_error(error: reqwest::Error, timeout: Duration) -> Error {
-    let error = error.without_url();
-    if error.is_timeout() {
-        Error::retryable(format!(
-            "timeout after {}",
-            humantime::format_duration(timeout)
-        ))
-    } else if error.is_decode() {
-        Error::retryable(format!("unreadable answer: {}", root_cause(&error)))
-    } else if error.is_builder() {
-        Error::permanent(format!("invalid request: {}", root_cause(&error)))
-    } else if error.is_connect() {
-        Error::retryable(format!("connect error: {}", root_cause(&error)))
-    } else {
-        Error::retryable(format!("request failed: {}", root_cause(&error)))
     }
 }

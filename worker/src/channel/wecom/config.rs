@@ -72,6 +72,25 @@ impl Config {
                 "not allowed for kind \"wecom\" (use base_url)",
             ));
         }
+        raw.reject_settings_except(
+            at,
+            "kind \"wecom\"",
+            &[
+                "corp_id",
+                "secret_env",
+                "base_url",
+                "timeout",
+                "token_env",
+                "confirm_poll",
+                "confirm_timeout",
+                "rate_limit_retry_after",
+                "sender",
+                "fallback_channel",
+                "callback_listen",
+                "callback_path",
+                "encoding_aes_key_env",
+            ],
+        )?;
         let corp_id = required_text(at, "corp_id", raw.corp_id.as_deref())?;
         let Some(variable) = &raw.secret_env else {
             return Err(Error::field(
