@@ -16,9 +16,8 @@
 //!    answers, each adapter with `timeout = "500ms"` answers `Retryable` within 3 s.
 //! 5. **A slow provider never blocks other channels** (end to end, `touchpoint-node`
 //!    processes): while one worker's deliveries on a hanging channel are in flight, its
-//!    steps on another channel are delivered. **Known gap** (the `#[ignore]`d variant):
-//!    when the hanging deliveries hold *every* one of the worker's `concurrency` slots,
-//!    the other channel waits for the slow channel's `timeout`.
+//!    steps on another channel are delivered, also when the hanging deliveries hold
+//!    every one of the slow channel's `concurrency` slots (each channel has its own).
 //!
 //! What each provider answers, and where it takes the idempotency key:
 //!
