@@ -21,10 +21,6 @@ pub const DEFAULT_CONCURRENCY: u32 = 256;
 pub struct WorkerConfig {
     /// gRPC address of the scheduler, e.g. `http://127.0.0.1:50051`.
     pub server: String,
-    /// Most deliveries in flight at once on each channel that does not set its own
-    /// `concurrency`. Every channel has its own slots, so a provider that hangs holds
-    /// only its channel's; the capacity announced to the scheduler is their sum.
-    pub concurrency: u32,
     /// Name shown in run timelines; `None` means `<hostname>-<pid>`.
     pub worker_id: Option<String>,
     /// The channels this worker serves, in file order.
@@ -48,8 +44,10 @@ pub struct ChannelConfig {
     /// The provider's quota (`rate`, `burst`), announced to the schedulers, which hand
     /// out this channel's steps no faster, over every worker together.
     pub rate: Option<ChannelRate>,
-    /// Most deliveries of this channel in flight at once (default: the worker's
-    /// `concurrency`).
+    /// Most deliveries of this channel in flight at once: its own `concurrency`, or the
+    /// file's top-level one (the default for every channel). Each channel has its own
+    /// slots, so a provider that hangs holds only its channel's; the capacity announced
+    /// to the scheduler is their sum.
     pub concurrency: u32,
 }
 
@@ -165,7 +163,6 @@ impl WorkerConfig {
     pub fn console(server: &str, channel_names: &[&str]) -> Self {
         Self {
             server: server.to_owned(),
-            concurrency: DEFAULT_CONCURRENCY,
             worker_id: None,
             channels: channel_names
                 .iter()
@@ -332,7 +329,6 @@ impl RawConfig {
         }
         Ok(WorkerConfig {
             server,
-            concurrency,
             worker_id: self.worker_id,
             channels,
             token: None,

@@ -59,7 +59,7 @@ fn reads_the_example_from_spec() {
     )
     .unwrap();
     assert_eq!(config.server, "http://127.0.0.1:50051");
-    assert_eq!(config.concurrency, 256);
+    assert!(config.channels.iter().all(|c| c.concurrency == 256));
     assert_eq!(config.worker_id, None);
     assert_eq!(config.channels.len(), 2);
     assert_eq!(config.channels[0].name, "crm");
@@ -98,7 +98,12 @@ fn defaults_apply() {
     )
     .unwrap();
     assert_eq!(config.server, DEFAULT_SERVER);
-    assert_eq!(config.concurrency, DEFAULT_CONCURRENCY);
+    assert!(
+        config
+            .channels
+            .iter()
+            .all(|c| c.concurrency == DEFAULT_CONCURRENCY)
+    );
     let ChannelKind::Webhook(webhook) = &config.channels[0].kind else {
         panic!("not a webhook");
     };
