@@ -20,7 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::future::join_all;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -305,7 +304,7 @@ impl TickWork<'_> {
             })
             .collect();
         let mut counts = TickCounts::default();
-        for enrolled in join_all(runs.iter().map(|run| self.store.enroll(run))).await {
+        for enrolled in self.store.enroll_many(&runs).await {
             match enrolled? {
                 Enrolled::Started(_) => counts.enrolled += 1,
                 Enrolled::Replayed(_) => counts.already += 1,

@@ -64,6 +64,35 @@ impl Enroller {
         }
         Ok(enrolled)
     }
+
+    /// Starts a run of `playbook` for each enrollment: one Redis call per partition.
+    /// Results follow `enrollments`.
+    pub(crate) async fn enroll_many(
+        &self,
+        playbook: &LoadedPlaybook,
+        enrollments: Vec<Enrollment>,
+    ) -> Vec<store::Result<Enrolled>> {
+        let now = now_ms();
+        let runs: Vec<NewRun> = enrollments
+            .into_iter()
+            .map(|enrollment| {
+                new_run(
+                    &playbook.playbook,
+                    playbook.version,
+                    enrollment,
+                    self.store.partitions(),
+                    now,
+                )
+            })
+            .collect();
+        let results = self.store.enroll_many(&runs).await;
+        for (run, result) in runs.iter().zip(&results) {
+            if let Ok(Enrolled::Started(_)) = result {
+                self.engine.schedule_check(run.partition, run.due_ms);
+            }
+        }
+        results
+    }
 }
 
 /// The run that `enrollment` starts in version `version` of `playbook` at `now`, for

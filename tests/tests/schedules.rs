@@ -71,13 +71,17 @@ async fn runs_per_contact(
         .get_multiplexed_async_connection()
         .await
         .expect("connect to the test redis");
-    let run_ids: Vec<String> = redis::cmd("ZRANGE")
-        .arg(Keys::new(PREFIX).playbook_runs(playbook))
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .expect("list the playbook's runs");
+    let mut run_ids: Vec<String> = Vec::new();
+    for partition in 0..store.partitions() {
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(Keys::new(PREFIX).playbook_runs(partition, playbook))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .expect("list the playbook's runs");
+        run_ids.extend(ids);
+    }
     let mut counts = HashMap::new();
     for chunk in run_ids.chunks(500) {
         for run in store.get_runs(chunk).await.expect("read runs") {

@@ -142,6 +142,113 @@ async fn the_same_request_id_starts_one_run() {
     assert_eq!(claimed.runs.len(), 1, "one run, scheduled once");
 }
 
+/// A batch goes to Redis as one script call per partition, yet each run is decided as
+/// if enrolled alone, in order: a request id repeated within the batch starts one run,
+/// a contact's second run in the batch meets the reentry rule, and results follow the
+/// batch's order.
+#[tokio::test]
+async fn a_batch_is_decided_run_by_run_in_order() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    let now = 50_000;
+    let never = |partition, contact: &str, request: Option<&str>| {
+        let mut run = new_run(partition, contact, request, now);
+        run.reentry = Reentry::Never;
+        run
+    };
+    let mut batch = vec![
+        never(0, "c-a", Some("r-1")),
+        never(1, "c-b", None),
+        never(0, "c-c", Some("r-1")),
+        never(1, "c-b", None),
+        never(2, "c-d", None),
+    ];
+    // The refused enrollment still updates its contact.
+    batch[3]
+        .contact
+        .attrs
+        .insert("tier".to_owned(), "gold".to_owned());
+    let results: Vec<Enrolled> = store
+        .enroll_many(&batch)
+        .await
+        .into_iter()
+        .map(|result| result.expect("enroll"))
+        .collect();
+    assert_eq!(results[0], Enrolled::Started(batch[0].run_id.clone()));
+    assert_eq!(results[1], Enrolled::Started(batch[1].run_id.clone()));
+    assert_eq!(
+        results[2],
+        Enrolled::Replayed(batch[0].run_id.clone()),
+        "the request id was used by the batch's first run"
+    );
+    assert!(
+        matches!(&results[3], Enrolled::Refused { last_run, .. } if *last_run == batch[1].run_id),
+        "{:?}",
+        results[3]
+    );
+    assert_eq!(results[4], Enrolled::Started(batch[4].run_id.clone()));
+    let contact = store
+        .get_contact("c-b")
+        .await
+        .expect("read the contact")
+        .expect("the contact exists");
+    assert_eq!(contact.attrs.get("tier").map(String::as_str), Some("gold"));
+
+    // The three started runs are due once each, in their partitions.
+    let mut due = Vec::new();
+    for partition in 0..PARTITIONS {
+        let claim = store.claim(partition, now, 100, 1000).await.expect("claim");
+        due.extend(claim.runs.into_iter().map(|run| run.run_id));
+    }
+    due.sort();
+    let mut started = vec![
+        batch[0].run_id.clone(),
+        batch[1].run_id.clone(),
+        batch[4].run_id.clone(),
+    ];
+    started.sort();
+    assert_eq!(due, started);
+}
+
+/// Listing a playbook's runs merges the partitions' lists newest first: pages of any
+/// size return every run once, in order, however the runs fall on the partitions.
+#[tokio::test]
+async fn a_playbooks_runs_list_newest_first_across_partitions() {
+    let redis = RedisServer::start();
+    let store = store(&redis).await;
+    // Uneven: most runs in partition 2, a few elsewhere, none in partition 3.
+    let mut batch = Vec::new();
+    for n in 0..60 {
+        let partition = match n % 10 {
+            0 => 0,
+            1 => 1,
+            _ => 2,
+        };
+        batch.push(new_run(partition, &format!("c-{n}"), None, 1000 + n));
+    }
+    for result in store.enroll_many(&batch).await {
+        result.expect("enroll");
+    }
+    let mut expected: Vec<String> = batch.iter().map(|run| run.run_id.clone()).collect();
+    expected.sort();
+    expected.reverse();
+    for page_size in [1, 7, 60, 100] {
+        let mut listed = Vec::new();
+        let mut before: Option<String> = None;
+        loop {
+            let page = store
+                .playbook_run_ids("p", before.as_deref(), page_size)
+                .await
+                .expect("list");
+            assert!(page.len() <= page_size);
+            let Some(last) = page.last() else { break };
+            before = Some(last.clone());
+            listed.extend(page);
+        }
+        assert_eq!(listed, expected, "pages of {page_size}");
+    }
+}
+
 #[tokio::test]
 async fn concurrent_claims_never_hand_out_a_run_twice() {
     let redis = RedisServer::start();

@@ -8,7 +8,7 @@ use touchpoint_proto::v1::{
     run_service_server::RunService,
 };
 
-use super::status::invalid_field;
+use super::status::{from_store, invalid_field};
 use crate::{
     clock::now_ms,
     engine::RATE_LIMITED,
@@ -104,22 +104,31 @@ impl EnrollmentApi {
         request_id: String,
         caller_trace: Option<String>,
     ) -> Result<Enrolled, Status> {
-        let contact = contact.ok_or_else(|| invalid_field("contact", "required"))?;
-        check_contact(&contact)?;
-        if request_id.len() > MAX_ID_BYTES {
-            return Err(invalid_field(
-                "request_id",
-                format!("longer than {MAX_ID_BYTES} bytes"),
-            ));
-        }
-        let enrollment = Enrollment {
-            contact: contact_record(contact),
-            request_id: (!request_id.is_empty()).then_some(request_id),
-            caller_trace,
-            trigger: None,
-        };
+        let enrollment = enrollment(contact, request_id, caller_trace)?;
         Ok(self.enroller.enroll(loaded, enrollment).await?)
     }
+}
+
+/// A checked enrollment of one contact.
+fn enrollment(
+    contact: Option<v1::Contact>,
+    request_id: String,
+    caller_trace: Option<String>,
+) -> Result<Enrollment, Status> {
+    let contact = contact.ok_or_else(|| invalid_field("contact", "required"))?;
+    check_contact(&contact)?;
+    if request_id.len() > MAX_ID_BYTES {
+        return Err(invalid_field(
+            "request_id",
+            format!("longer than {MAX_ID_BYTES} bytes"),
+        ));
+    }
+    Ok(Enrollment {
+        contact: contact_record(contact),
+        request_id: (!request_id.is_empty()).then_some(request_id),
+        caller_trace,
+        trigger: None,
+    })
 }
 
 /// A checked wire contact as stored.
@@ -216,28 +225,35 @@ impl EnrollmentService for EnrollmentApi {
             .playbooks
             .latest(&self.store, &request.playbook)
             .await?;
-        // Each item is its own enrollment; they go to Redis together (the connection
-        // pipelines concurrent calls).
-        let calls = request
-            .items
-            .into_iter()
-            .map(|item| self.enroll_one(&loaded, item.contact, item.request_id, None));
-        let results = futures::future::join_all(calls)
-            .await
-            .into_iter()
-            .map(|result| match result {
+        // Items are checked one by one; the good ones go to Redis together, one script
+        // call per partition.
+        let mut results = vec![v1::EnrollItemResult::default(); request.items.len()];
+        let mut positions = Vec::with_capacity(request.items.len());
+        let mut enrollments = Vec::with_capacity(request.items.len());
+        for (n, item) in request.items.into_iter().enumerate() {
+            match enrollment(item.contact, item.request_id, None) {
+                Ok(enrollment) => {
+                    positions.push(n);
+                    enrollments.push(enrollment);
+                }
+                Err(status) => results[n].error = status.message().to_owned(),
+            }
+        }
+        let enrolled = self.enroller.enroll_many(&loaded, enrollments).await;
+        for (n, result) in positions.into_iter().zip(enrolled) {
+            results[n] = match result {
                 Ok(enrolled) => v1::EnrollItemResult {
                     run_id: enrolled.run_id().to_owned(),
                     created: matches!(enrolled, Enrolled::Started(_)),
                     not_started: not_started(&enrolled),
                     error: String::new(),
                 },
-                Err(status) => v1::EnrollItemResult {
-                    error: status.message().to_owned(),
+                Err(err) => v1::EnrollItemResult {
+                    error: from_store(&err).message().to_owned(),
                     ..v1::EnrollItemResult::default()
                 },
-            })
-            .collect();
+            };
+        }
         Ok(Response::new(v1::EnrollBatchResponse {
             results,
             version: loaded.version,

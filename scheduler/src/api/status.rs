@@ -16,6 +16,7 @@ pub(crate) fn from_store(err: &store::Error) -> Status {
         {
             Status::unavailable(format!("Redis is unavailable: {e}"))
         }
+        store::Error::Shared(inner) => from_store(inner),
         other => Status::internal(other.to_string()),
     }
 }

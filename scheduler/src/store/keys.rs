@@ -34,12 +34,6 @@ impl Keys {
         format!("{}:playbook:{{{name}}}", self.prefix)
     }
 
-    /// Sorted set (all scores 0, ordered by run id, which starts with a UUIDv7): the
-    /// runs of one playbook, for listing.
-    pub fn playbook_runs(&self, name: &str) -> String {
-        format!("{}:runs:{{{name}}}", self.prefix)
-    }
-
     /// Set of the names of playbooks with a `schedule:` (recurring campaigns).
     pub fn scheduled(&self) -> String {
         format!("{}:scheduled", self.prefix)
@@ -111,7 +105,23 @@ impl Keys {
 
     /// String: enrollment request id → run id, expiring after a day.
     pub fn enroll_request(&self, partition: u16, request_id: &str) -> String {
-        format!("{}:req:{request_id}", self.partition(partition))
+        format!("{}{request_id}", self.enroll_request_prefix(partition))
+    }
+
+    /// Prefix of the enrollment request keys of a partition; the request id follows.
+    pub fn enroll_request_prefix(&self, partition: u16) -> String {
+        format!("{}:req:", self.partition(partition))
+    }
+
+    /// Sorted set (all scores 0, ordered by run id, which starts with the time it was
+    /// made): the partition's runs of one playbook, for listing.
+    pub fn playbook_runs(&self, partition: u16, playbook: &str) -> String {
+        format!("{}{playbook}", self.playbook_runs_prefix(partition))
+    }
+
+    /// Prefix of the per-playbook run lists of a partition; the playbook name follows.
+    pub fn playbook_runs_prefix(&self, partition: u16) -> String {
+        format!("{}:runs:", self.partition(partition))
     }
 
     /// Sorted set: run id → when it failed (ms), for every dead-lettered run of the
@@ -219,6 +229,7 @@ mod tests {
             format!("{}c1|*", keys.sent_prefix(p)),
             format!("{}welcome:1", keys.stats_prefix(p)),
             keys.paused_runs(p, "welcome"),
+            keys.playbook_runs(p, "welcome"),
         ];
         for key in &all {
             assert_eq!(hash_tag(key), "p17", "{key}");
@@ -229,7 +240,6 @@ mod tests {
     fn playbook_keys_are_tagged_by_name() {
         let keys = Keys::new("tp");
         assert_eq!(hash_tag(&keys.playbook("welcome")), "welcome");
-        assert_eq!(hash_tag(&keys.playbook_runs("welcome")), "welcome");
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod keys;
 mod rate;
 mod schedules;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use redis::{AsyncCommands, Script, aio::ConnectionManager};
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,9 @@ pub enum Error {
     Protocol(String),
     #[error("{0}")]
     Config(String),
+    /// One failure shared by every item of a batch call.
+    #[error("{0}")]
+    Shared(Arc<Error>),
 }
 
 impl From<redis::ParsingError> for Error {
@@ -476,83 +479,128 @@ impl Store {
     /// Starts a run, or finds the one its request id already started, or is refused by
     /// the playbook's reentry rule.
     pub async fn enroll(&self, run: &NewRun) -> Result<Enrolled> {
+        let mut enrolled = self.enroll_partition(run.partition, &[run]).await?;
+        enrolled
+            .pop()
+            .ok_or_else(|| protocol("enroll answered no result"))
+    }
+
+    /// Enrolls a batch (as [`Store::enroll`] each, in order per contact): one script
+    /// call per partition, the partitions' calls concurrent. Results follow `runs`; a
+    /// failed call fails the runs of its partition, which share its error.
+    pub async fn enroll_many(&self, runs: &[NewRun]) -> Vec<Result<Enrolled>> {
+        let mut by_partition: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (n, run) in runs.iter().enumerate() {
+            by_partition.entry(run.partition).or_default().push(n);
+        }
+        let calls = by_partition
+            .into_iter()
+            .map(|(partition, positions)| async move {
+                let batch: Vec<&NewRun> = positions.iter().map(|&n| &runs[n]).collect();
+                (positions, self.enroll_partition(partition, &batch).await)
+            });
+        let mut results: Vec<Option<Result<Enrolled>>> = runs.iter().map(|_| None).collect();
+        for (positions, answer) in futures::future::join_all(calls).await {
+            match answer {
+                Ok(enrolled) => {
+                    for (n, one) in positions.into_iter().zip(enrolled) {
+                        results[n] = Some(Ok(one));
+                    }
+                }
+                Err(err) => {
+                    let err = Arc::new(err);
+                    for n in positions {
+                        results[n] = Some(Err(Error::Shared(Arc::clone(&err))));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|result| result.unwrap_or_else(|| Err(protocol("enroll lost a run"))))
+            .collect()
+    }
+
+    /// One `enroll.lua` call for runs of one partition.
+    async fn enroll_partition(&self, p: u16, runs: &[&NewRun]) -> Result<Vec<Enrolled>> {
         let mut conn = self.conn.clone();
-        let p = run.partition;
-        let mut run_fields: Vec<(&str, String)> = vec![
-            ("st", RunStatus::Active.as_str().to_owned()),
-            ("pb", run.playbook.clone()),
-            ("v", run.version.to_string()),
-            ("c", run.contact.id.clone()),
-            ("i", run.first_step.to_string()),
-            ("a", "1".to_owned()),
-            ("f", "1".to_owned()),
-            ("due", run.due_ms.to_string()),
-            ("ca", run.now_ms.to_string()),
-            ("ua", run.now_ms.to_string()),
-            ("tp", run.traceparent.clone()),
-        ];
-        if run.goal.is_some() {
-            run_fields.push(("g", "1".to_owned()));
-        }
-        if let Some(trigger) = &run.trigger {
-            run_fields.push(("ev", trigger.clone()));
-        }
         let mut invocation = self.scripts.enroll.prepare_invoke();
         invocation
-            .key(format!("{}{}", self.keys.run_prefix(p), run.run_id))
             .key(self.keys.due(p))
-            .key(format!("{}{}", self.keys.contact_prefix(p), run.contact.id));
-        if let Some(request_id) = &run.request_id {
-            invocation.key(self.keys.enroll_request(p, request_id));
-        }
-        let reentry = match run.reentry {
-            Reentry::Never => "never".to_owned(),
-            Reentry::Always => "always".to_owned(),
-            Reentry::After(wait) => wait.as_millis().to_string(),
-        };
-        let goals = match &run.goal {
-            Some(_) => format!("{}{}", self.keys.goals_prefix(p), run.contact.id),
-            None => String::new(),
-        };
-        invocation
-            .arg(&run.run_id)
-            .arg(run.due_ms)
+            .arg(runs.first().map_or(0, |run| run.now_ms))
             .arg(REQUEST_ID_TTL_SECS)
-            .arg(run.now_ms)
-            .arg(&run.playbook)
-            .arg(reentry)
-            .arg(goals)
-            .arg(run.goal.as_deref().unwrap_or_default())
-            .arg(self.stats_key(p, &run.playbook, run.version))
-            .arg(run.first_step)
+            .arg(self.keys.run_prefix(p))
+            .arg(self.keys.contact_prefix(p))
+            .arg(self.keys.enroll_request_prefix(p))
+            .arg(self.keys.goals_prefix(p))
             .arg(self.keys.tag_prefix(p))
-            .arg(&run.contact.id)
-            .arg(run.contact.tags.len())
-            .arg(run_fields.len());
-        for tag in &run.contact.tags {
-            invocation.arg(tag);
-        }
-        for (field, value) in &run_fields {
-            invocation.arg(*field).arg(value);
-        }
-        for (field, value) in run.contact.to_fields() {
-            invocation.arg(field).arg(value);
-        }
-        let (code, run_id, detail): (u8, String, String) =
-            timed("enroll", invocation.invoke_async(&mut conn)).await?;
-        Ok(match code {
-            1 => {
-                let _: () = conn
-                    .zadd(self.keys.playbook_runs(&run.playbook), &run_id, 0)
-                    .await?;
-                Enrolled::Started(run_id)
+            .arg(self.keys.playbook_runs_prefix(p))
+            .arg(self.keys.stats_prefix(p));
+        for run in runs {
+            let mut run_fields: Vec<(&str, String)> = vec![
+                ("st", RunStatus::Active.as_str().to_owned()),
+                ("pb", run.playbook.clone()),
+                ("v", run.version.to_string()),
+                ("c", run.contact.id.clone()),
+                ("i", run.first_step.to_string()),
+                ("a", "1".to_owned()),
+                ("f", "1".to_owned()),
+                ("due", run.due_ms.to_string()),
+                ("ca", run.now_ms.to_string()),
+                ("ua", run.now_ms.to_string()),
+                ("tp", run.traceparent.clone()),
+            ];
+            if run.goal.is_some() {
+                run_fields.push(("g", "1".to_owned()));
             }
-            0 => Enrolled::Replayed(run_id),
-            _ => Enrolled::Refused {
-                reason: detail,
-                last_run: run_id,
-            },
-        })
+            if let Some(trigger) = &run.trigger {
+                run_fields.push(("ev", trigger.clone()));
+            }
+            let reentry = match run.reentry {
+                Reentry::Never => "never".to_owned(),
+                Reentry::Always => "always".to_owned(),
+                Reentry::After(wait) => wait.as_millis().to_string(),
+            };
+            let contact_fields = run.contact.to_fields();
+            invocation
+                .arg(&run.run_id)
+                .arg(run.due_ms)
+                .arg(run.request_id.as_deref().unwrap_or_default())
+                .arg(&run.playbook)
+                .arg(reentry)
+                .arg(run.goal.as_deref().unwrap_or_default())
+                .arg(run.version)
+                .arg(run.first_step)
+                .arg(&run.contact.id)
+                .arg(run.contact.tags.len())
+                .arg(run_fields.len())
+                .arg(contact_fields.len());
+            for tag in &run.contact.tags {
+                invocation.arg(tag);
+            }
+            for (field, value) in &run_fields {
+                invocation.arg(*field).arg(value);
+            }
+            for (field, value) in contact_fields {
+                invocation.arg(field).arg(value);
+            }
+        }
+        let answers: Vec<(u8, String, String)> =
+            timed("enroll", invocation.invoke_async(&mut conn)).await?;
+        if answers.len() != runs.len() {
+            return Err(protocol("enroll answered a result per run"));
+        }
+        Ok(answers
+            .into_iter()
+            .map(|(code, run_id, detail)| match code {
+                1 => Enrolled::Started(run_id),
+                0 => Enrolled::Replayed(run_id),
+                _ => Enrolled::Refused {
+                    reason: detail,
+                    last_run: run_id,
+                },
+            })
+            .collect())
     }
 
     /// The funnel counters of one playbook version in one partition.
@@ -829,7 +877,8 @@ impl Store {
         Ok(out)
     }
 
-    /// A page of run ids of one playbook, newest first, strictly older than `before`.
+    /// A page of run ids of one playbook, newest first, strictly older than `before`:
+    /// a merge of the partitions' lists, a few ids from each per round trip.
     pub async fn playbook_run_ids(
         &self,
         playbook: &str,
@@ -837,28 +886,65 @@ impl Store {
         count: usize,
     ) -> Result<Vec<String>> {
         let mut conn = self.conn.clone();
-        let max = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
-        let ids: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
-            .arg(self.keys.playbook_runs(playbook))
-            .arg(max)
-            .arg("-")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(count)
-            .query_async(&mut conn)
-            .await?;
-        Ok(ids)
+        let mut cursor = before.map(str::to_owned);
+        let mut out = Vec::with_capacity(count);
+        // Enough per partition that one round usually fills the page.
+        let mut per_partition = (2 * count / usize::from(self.partitions.max(1))).max(4);
+        while out.len() < count {
+            let max = cursor
+                .as_deref()
+                .map_or_else(|| "+".to_owned(), |id| format!("({id}"));
+            let mut pipe = redis::pipe();
+            for partition in 0..self.partitions {
+                pipe.cmd("ZREVRANGEBYLEX")
+                    .arg(self.keys.playbook_runs(partition, playbook))
+                    .arg(&max)
+                    .arg("-")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(per_partition);
+            }
+            let lists: Vec<Vec<String>> = timed("list_runs", pipe.query_async(&mut conn)).await?;
+            // A partition that filled its share may hold more ids newer than others'
+            // last ones: only ids at or above the newest such cut-off are certain.
+            let frontier = lists
+                .iter()
+                .filter(|ids| ids.len() == per_partition)
+                .filter_map(|ids| ids.last())
+                .max()
+                .cloned();
+            let mut merged: Vec<String> = lists
+                .into_iter()
+                .flatten()
+                .filter(|id| frontier.as_ref().is_none_or(|cut| id >= cut))
+                .collect();
+            merged.sort_unstable_by(|a, b| b.cmp(a));
+            for id in merged.into_iter().take(count - out.len()) {
+                cursor = Some(id.clone());
+                out.push(id);
+            }
+            if frontier.is_none() {
+                break;
+            }
+            per_partition = per_partition.saturating_mul(2);
+        }
+        Ok(out)
     }
 
-    /// Drops index entries of runs that expired.
+    /// Drops list entries of runs that expired.
     pub async fn forget_runs(&self, playbook: &str, run_ids: &[String]) -> Result<()> {
-        if run_ids.is_empty() {
+        let mut pipe = redis::pipe();
+        for run_id in run_ids {
+            if let Some(partition) = partition_of_run(run_id, self.partitions) {
+                pipe.zrem(self.keys.playbook_runs(partition, playbook), run_id)
+                    .ignore();
+            }
+        }
+        if pipe.is_empty() {
             return Ok(());
         }
         let mut conn = self.conn.clone();
-        let _: () = conn
-            .zrem(self.keys.playbook_runs(playbook), run_ids)
-            .await?;
+        let () = pipe.query_async(&mut conn).await?;
         Ok(())
     }
 }

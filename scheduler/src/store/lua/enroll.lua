@@ -1,56 +1,127 @@
--- Starts a run: upserts the contact (and its tag index), checks the playbook's reentry
--- rule for the contact, writes the run, registers its goal, schedules its first step and
--- counts it in the funnel.
--- KEYS[1] run hash, KEYS[2] due set, KEYS[3] contact hash, KEYS[4] (optional) request key
--- ARGV[1] run id, ARGV[2] due ms, ARGV[3] request ttl (s), ARGV[4] now ms,
--- ARGV[5] playbook name, ARGV[6] reentry: 'never' | 'always' | ms to wait ('after'),
--- ARGV[7] goals hash of the contact ('' when the playbook has no goal), ARGV[8] goal event,
--- ARGV[9] stats hash, ARGV[10] first step index, ARGV[11] tag set prefix,
--- ARGV[12] contact id, ARGV[13] number of tags, ARGV[14] number of run field pairs,
--- then the tags, the run's field/value pairs, the contact's field/value pairs.
--- Returns {code, run id, detail}: 1 started; 0 the request id had started run id;
--- 2 refused by reentry (run id: the contact's last run of the playbook).
-if #KEYS == 4 then
-  local existing = redis.call('GET', KEYS[4])
-  if existing then
-    return {0, existing, ''}
+-- Starts a batch of runs in one partition, in order. For each: upserts the contact (and
+-- its tag index), checks the playbook's reentry rule for the contact, writes the run,
+-- lists it under its playbook, registers its goal, schedules its first step and counts
+-- it in the funnel.
+-- KEYS[1] due set
+-- ARGV[1] now ms, ARGV[2] request ttl (s), ARGV[3] run key prefix, ARGV[4] contact key
+-- prefix, ARGV[5] request key prefix, ARGV[6] goals prefix, ARGV[7] tag set prefix,
+-- ARGV[8] playbook-runs prefix, ARGV[9] stats prefix,
+-- then per run a header of 12 values: run id, due ms, request id ('' for none),
+-- playbook name, reentry ('never' | 'always' | ms to wait for 'after'), goal event (''
+-- for none), playbook version, first step index, contact id, number of tags, number of
+-- run field/value pairs, number of contact field/value pairs; then the tags, the run's
+-- pairs and the contact's pairs.
+-- Returns one {code, run id, detail} per run: 1 started; 0 the request id had started
+-- run id; 2 refused by reentry (run id: the contact's last run of the playbook).
+local now, ttl = tonumber(ARGV[1]), ARGV[2]
+local runs, contacts, requests, goals = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local tag_prefix, listed, stats_prefix = ARGV[7], ARGV[8], ARGV[9]
+local results = {}
+local scheduled = {}
+local counts = {}
+local listing = {}
+local function count(key, field)
+  local fields = counts[key]
+  if not fields then
+    fields = {}
+    counts[key] = fields
+  end
+  fields[field] = (fields[field] or 0) + 1
+end
+
+local function enroll(i)
+  local id, due, request, playbook = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local reentry, goal, version, first = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  local contact_id = ARGV[i + 8]
+  local tags, run_pairs, contact_pairs = tonumber(ARGV[i + 9]), tonumber(ARGV[i + 10]), tonumber(ARGV[i + 11])
+  local tags_at = i + 12
+  local run_at = tags_at + tags
+  local contact_at = run_at + 2 * run_pairs
+  local next_run = contact_at + 2 * contact_pairs
+  if request ~= '' then
+    local existing = redis.call('GET', requests .. request)
+    if existing then
+      return next_run, {0, existing, ''}
+    end
+  end
+  local contact = contacts .. contact_id
+  for n = tags_at, run_at - 1 do
+    redis.call('SADD', tag_prefix .. ARGV[n], contact_id)
+  end
+  -- The contact is upserted whether or not a run starts; with the run, in the same
+  -- HSET as the playbook it entered.
+  local function upsert(field, value)
+    local pairs_ = {}
+    for n = contact_at, next_run - 1 do
+      pairs_[#pairs_ + 1] = ARGV[n]
+    end
+    if field then
+      pairs_[#pairs_ + 1] = field
+      pairs_[#pairs_ + 1] = value
+    end
+    if #pairs_ > 0 then
+      redis.call('HSET', contact, unpack(pairs_))
+    end
+  end
+  local entered_field = 'e:' .. playbook
+  local entered = redis.call('HGET', contact, entered_field)
+  if entered and reentry ~= 'always' then
+    local space = string.find(entered, ' ')
+    local at = tonumber(string.sub(entered, 1, space - 1))
+    local last = string.sub(entered, space + 1)
+    if reentry == 'never' then
+      upsert()
+      return next_run, {2, last, 'reentry: never (the contact entered this playbook before)'}
+    end
+    local wait = tonumber(reentry)
+    if now - at < wait then
+      upsert()
+      return next_run, {2, last, 'reentry: after ' .. math.floor(wait / 1000) .. 's (the contact entered ' ..
+        math.floor((now - at) / 1000) .. 's ago)'}
+    end
+  end
+  redis.call('HSET', runs .. id, unpack(ARGV, run_at, contact_at - 1))
+  upsert(entered_field, now .. ' ' .. id)
+  if goal ~= '' then
+    redis.call('HSET', goals .. contact_id, id, goal)
+  end
+  local list = listing[playbook]
+  if not list then
+    list = {}
+    listing[playbook] = list
+  end
+  list[#list + 1] = 0
+  list[#list + 1] = id
+  scheduled[#scheduled + 1] = due
+  scheduled[#scheduled + 1] = id
+  local stats = stats_prefix .. playbook .. ':' .. version
+  count(stats, 'runs:in')
+  count(stats, first .. ':in')
+  if request ~= '' then
+    redis.call('SET', requests .. request, id, 'EX', ttl)
+  end
+  return next_run, {1, id, ''}
+end
+
+local i = 10
+while i <= #ARGV do
+  local result
+  i, result = enroll(i)
+  results[#results + 1] = result
+end
+-- One ZADD per set for the batch (in chunks, within Lua's unpack limit).
+local function add(key, pairs_)
+  for n = 1, #pairs_, 2000 do
+    redis.call('ZADD', key, unpack(pairs_, n, math.min(n + 1999, #pairs_)))
   end
 end
-local now = tonumber(ARGV[4])
-local tags = tonumber(ARGV[13])
-local run_start = 15 + tags
-local run_end = run_start - 1 + 2 * tonumber(ARGV[14])
--- The contact is upserted whether or not a run starts.
-if #ARGV > run_end then
-  redis.call('HSET', KEYS[3], unpack(ARGV, run_end + 1, #ARGV))
+add(KEYS[1], scheduled)
+for playbook, list in pairs(listing) do
+  add(listed .. playbook, list)
 end
-for n = 15, 14 + tags do
-  redis.call('SADD', ARGV[11] .. ARGV[n], ARGV[12])
-end
-local entered_field = 'e:' .. ARGV[5]
-local entered = redis.call('HGET', KEYS[3], entered_field)
-if entered and ARGV[6] ~= 'always' then
-  local space = string.find(entered, ' ')
-  local at = tonumber(string.sub(entered, 1, space - 1))
-  local last = string.sub(entered, space + 1)
-  if ARGV[6] == 'never' then
-    return {2, last, 'reentry: never (the contact entered this playbook before)'}
-  end
-  local wait = tonumber(ARGV[6])
-  if now - at < wait then
-    return {2, last, 'reentry: after ' .. math.floor(wait / 1000) .. 's (the contact entered ' ..
-      math.floor((now - at) / 1000) .. 's ago)'}
+for key, fields in pairs(counts) do
+  for field, n in pairs(fields) do
+    redis.call('HINCRBY', key, field, n)
   end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, run_start, run_end))
-redis.call('HSET', KEYS[3], entered_field, now .. ' ' .. ARGV[1])
-if ARGV[7] ~= '' then
-  redis.call('HSET', ARGV[7], ARGV[1], ARGV[8])
-end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('HINCRBY', ARGV[9], 'runs:in', 1)
-redis.call('HINCRBY', ARGV[9], ARGV[10] .. ':in', 1)
-if #KEYS == 4 then
-  redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[3])
-end
-return {1, ARGV[1], ''}
+return results
