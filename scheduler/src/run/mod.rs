@@ -115,15 +115,35 @@ pub fn next_step(playbook: &Playbook, index: usize, now_ms: i64) -> Next {
     }
 }
 
-/// A new run id: a UUIDv7 (so ids sort by creation time) and the run's partition.
+/// Digits of run ids, in ASCII order so that ids of one length sort as their numbers.
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// Base-62 digits of a 128-bit number (62^22 > 2^128).
+const RUN_ID_DIGITS: usize = 22;
+
+/// A new run id: a UUIDv7 (so ids sort by creation time) in 22 base-62 digits, then
+/// `-` and the run's partition, e.g. `0BnkvQ4yS1ZKF7Qm2Hc3aR-17`. Every run id is kept
+/// in Redis several times (its key, its due entry, its playbook's list), so it is short.
 pub fn new_run_id(partition: u16) -> String {
-    format!("{}-{partition}", uuid::Uuid::now_v7().simple())
+    let mut number = uuid::Uuid::now_v7().as_u128();
+    let mut digits = [b'0'; RUN_ID_DIGITS];
+    for digit in digits.iter_mut().rev() {
+        *digit = BASE62[usize::try_from(number % 62).unwrap_or(0)];
+        number /= 62;
+    }
+    let id: String = digits.iter().map(|&b| char::from(b)).collect();
+    format!("{id}-{partition}")
 }
 
-/// The partition a run id names, if it is well formed for `partitions`.
+/// The partition a run id names, if it is well formed for `partitions` (also the
+/// 32-hex-digit ids of earlier versions).
 pub fn partition_of_run(run_id: &str, partitions: u16) -> Option<u16> {
-    let (uuid, partition) = run_id.rsplit_once('-')?;
-    if uuid.len() != 32 || !uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let (id, partition) = run_id.rsplit_once('-')?;
+    let well_formed = match id.len() {
+        RUN_ID_DIGITS => id.bytes().all(|b| b.is_ascii_alphanumeric()),
+        32 => id.bytes().all(|b| b.is_ascii_hexdigit()),
+        _ => false,
+    };
+    if !well_formed {
         return None;
     }
     partition.parse().ok().filter(|p| *p < partitions)
@@ -156,6 +176,31 @@ mod tests {
         assert_eq!(partition_of_run(&id, 16), None);
         assert_eq!(partition_of_run("nonsense", 256), None);
         assert_eq!(partition_of_run("zz-1", 256), None);
+        assert_eq!(partition_of_run("0BnkvQ4yS1ZKF7Qm2Hc3a_-1", 256), None);
+        // Ids of earlier versions still name their partition.
+        assert_eq!(
+            partition_of_run("019ae3f2c0a87c3d9b1e5f6a7b8c9d0e-5", 256),
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn run_ids_are_short_and_sort_by_creation() {
+        let ids: Vec<String> = (0..50)
+            .map(|n| {
+                if n % 10 == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                new_run_id(n % 7)
+            })
+            .collect();
+        for id in &ids {
+            assert!(id.len() <= RUN_ID_DIGITS + 2, "{id}");
+        }
+        let cores: Vec<&str> = ids.iter().map(|id| &id[..RUN_ID_DIGITS]).collect();
+        let mut sorted = cores.clone();
+        sorted.sort_unstable();
+        assert_eq!(cores, sorted, "ids sort in the order they were made");
     }
 
     #[test]

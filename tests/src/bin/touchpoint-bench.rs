@@ -242,6 +242,7 @@ async fn enroll(
         "redis_cmds_per_run": after.commands_since(&before) as f64 / contacts as f64,
         "redis_cpu_us_per_run": after.cpu_us_since(&before) / contacts as f64,
         "redis_bytes_per_run": bytes as f64 / contacts as f64,
+        "redis_bytes_by_part": redis.bytes_by_part(args.partitions).await?,
         "top_cmds_per_run": after.top_commands_since(&before, contacts),
         "request_ids": with_request_ids,
         "partitions": args.partitions,
@@ -548,6 +549,68 @@ impl Snapshot {
 }
 
 impl Redis {
+    /// Where a waiting run's bytes go, by `MEMORY USAGE` (which leaves out the ~40 bytes
+    /// each key costs in Redis's key table): the run hash and the contact hash (mean of
+    /// a sample), and one entry of the partition's due set and of its playbook list.
+    async fn bytes_by_part(&self, partitions: u16) -> anyhow::Result<serde_json::Value> {
+        let mut conn = self.conn.clone();
+        let keys = touchpoint_scheduler::store::Keys::new("tp");
+        let sample = |pattern: String| {
+            let mut conn = conn.clone();
+            async move {
+                let (_, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(0)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(20_000)
+                    .query_async(&mut conn)
+                    .await?;
+                let mut total = 0u64;
+                for key in keys.iter().take(200) {
+                    let bytes: u64 = redis::cmd("MEMORY")
+                        .arg("USAGE")
+                        .arg(key)
+                        .query_async(&mut conn)
+                        .await?;
+                    total += bytes;
+                }
+                anyhow::Ok(total as f64 / keys.len().clamp(1, 200) as f64)
+            }
+        };
+        let run = sample("tp:{p*}:run:*".to_owned()).await?;
+        let contact = sample("tp:{p*}:contact:*".to_owned()).await?;
+        let (mut due_bytes, mut due_entries, mut list_bytes, mut list_entries) =
+            (0u64, 0u64, 0u64, 0u64);
+        for partition in 0..partitions {
+            for (key, bytes, entries) in [
+                (keys.due(partition), &mut due_bytes, &mut due_entries),
+                (
+                    keys.playbook_runs(partition, "idle"),
+                    &mut list_bytes,
+                    &mut list_entries,
+                ),
+            ] {
+                let (usage, count): (Option<u64>, u64) = redis::pipe()
+                    .cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(&key)
+                    .zcard(&key)
+                    .query_async(&mut conn)
+                    .await?;
+                *bytes += usage.unwrap_or(0);
+                *entries += count;
+            }
+        }
+        let per = |bytes: u64, entries: u64| (bytes as f64 / entries.max(1) as f64).round();
+        Ok(json!({
+            "run_hash": run.round(),
+            "contact_hash": contact.round(),
+            "due_entry": per(due_bytes, due_entries),
+            "list_entry": per(list_bytes, list_entries),
+        }))
+    }
+
     async fn connect(url: &str) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
         let conn = client
