@@ -20,7 +20,8 @@ use touchpoint_proto::v1::{
     retry_dead_letters_request::Target,
 };
 use touchpoint_tests::{
-    ChannelConfig, Reply, SECRET_ENV, Stack, WorkerConfig, contact, request_id,
+    ChannelConfig, RedisServer, Reply, SECRET_ENV, Stack, TestRedis, WorkerConfig, contact,
+    request_id,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
@@ -190,8 +191,10 @@ fn keys_of(words: &[String]) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_script_touches_two_slots() {
-    let mut stack = Stack::start(NODE, &["--lease", "2s"], &[]).await;
-    let monitor = Monitor::start(stack.redis.port());
+    // MONITOR watches one server; on a cluster, Redis itself refuses a cross-slot script.
+    let redis = TestRedis::Server(RedisServer::start());
+    let mut stack = Stack::start_on(redis, NODE, &["--lease", "2s"], &[]).await;
+    let monitor = Monitor::start(stack.redis.server().port());
     // One delivery fails for good (a dead letter to retry), one is rate-limited (the
     // channel's bucket is penalized), one takes long enough to be heartbeated (its
     // lease extended); the rest succeed.
