@@ -4,8 +4,10 @@
 //! ticks, rate limits, progress, cancels, pauses, dead letters and their retry), each
 //! script's declared keys and every key its commands touch must share one hash tag.
 //!
-//! Checked on a single redis-server: the property (one hash tag per script) is what
-//! makes the scripts run on Redis Cluster, where a script whose keys span slots fails.
+//! Checked on a single redis-server, whatever `TOUCHPOINT_TEST_REDIS` says (MONITOR
+//! watches one server): the property (one hash tag per script) is what makes the scripts
+//! run on Redis Cluster, where a script whose keys span slots fails. `cluster.rs` runs
+//! them on a real cluster.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -1,10 +1,12 @@
 //! Where Touchpoint's state lives: one Redis server or a Redis Cluster, chosen by the
 //! URL's scheme.
 //!
-//! - `redis://[user:password@]host:port[/db]` (`rediss://` for TLS): one server.
-//! - `redis+cluster://[user:password@]host:port[,host:port...]` (`rediss+cluster://` for
-//!   TLS): a Redis Cluster, reached through any of the seed nodes listed; the user and
-//!   password apply to every node.
+//! - `redis://[user:password@]host:port[/db]`: one server.
+//! - `redis+cluster://[user:password@]host:port[,host:port...]`: a Redis Cluster, reached
+//!   through any of the seed nodes listed; the user and password apply to every node.
+//!
+//! `rediss://` and `rediss+cluster://` ask for TLS, which the `redis` crate only speaks
+//! when built with a TLS feature; this workspace builds it without, so they are refused.
 //!
 //! Every script keeps to one hash slot by construction (see [`super::keys`]), so scripts
 //! and single-key commands run alike on both. What differs is a batch of commands whose
@@ -24,9 +26,8 @@ use redis::{
 use super::{Error, Result};
 
 /// The URL forms the scheduler takes, for error messages.
-pub const URL_FORMS: &str = "redis://[user:password@]host:port[/db] for one Redis, \
-     redis+cluster://[user:password@]host:port[,host:port...] for a Redis Cluster \
-     (rediss:// and rediss+cluster:// for TLS)";
+pub const URL_FORMS: &str = "redis://[user:password@]host:port[/db] for one Redis, or \
+     redis+cluster://[user:password@]host:port[,host:port...] for a Redis Cluster";
 
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(3);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -356,5 +357,21 @@ mod tests {
             .to_string();
         assert!(message.starts_with("invalid Redis URL: "), "{message}");
         assert!(message.contains(URL_FORMS), "{message}");
+    }
+
+    /// The `redis` crate is built without TLS: `rediss` URLs are refused at start, saying so.
+    #[tokio::test]
+    async fn tls_urls_are_refused_by_this_build() {
+        for url in [
+            "rediss://127.0.0.1:6380",
+            "rediss+cluster://127.0.0.1:7000,127.0.0.1:7001",
+        ] {
+            let message = RedisConnection::connect(url)
+                .await
+                .map(|_| ())
+                .expect_err("no TLS feature")
+                .to_string();
+            assert!(message.contains("TLS"), "{url}: {message}");
+        }
     }
 }
