@@ -18,7 +18,7 @@ use touchpoint_proto::v1::{
     RecordEventRequest, ResumePlaybookRequest, RetryDeadLettersRequest, RunStatus, StepStats,
     StepStatus, UpsertContactRequest, retry_dead_letters_request::Target,
 };
-use touchpoint_scheduler::store::{RedisConnection, Store};
+use touchpoint_scheduler::store::{DeadLetterEntry, RedisConnection, Store};
 use touchpoint_tests::{
     RedisCluster, Stack, TestRedis, TouchpointClient, contact, eventually, free_port, request_id,
     run_summary, stays,
@@ -638,6 +638,20 @@ async fn commands_across_slots_are_answered_in_order() {
         refused.to_string().to_lowercase().contains("cross"),
         "{refused}"
     );
+
+    // The store's one transaction (MULTI/EXEC) keeps to one partition's slot.
+    let store = Store::connect(&cluster.url(), "t", 16, 60)
+        .await
+        .expect("a store on the cluster");
+    let entry = DeadLetterEntry {
+        run_id: "gone-3".to_owned(),
+        partition: 3,
+        failed_at_ms: 0,
+    };
+    store
+        .forget_dead_letter(&entry, Some("welcome"))
+        .await
+        .expect("a transaction on one slot");
 }
 
 /// The scheduler refuses a cluster with one primary that could evict keys, naming it.
