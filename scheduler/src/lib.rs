@@ -66,7 +66,8 @@ pub struct SchedulerArgs {
     /// Logs and metrics.
     #[command(flatten)]
     pub telemetry: touchpoint_proto::telemetry::TelemetryArgs,
-    /// Redis holding all state.
+    /// Redis holding all state: `redis://host:port/db`, or
+    /// `redis+cluster://host:port[,host:port...]` for a Redis Cluster.
     #[arg(
         long,
         env = "TOUCHPOINT_REDIS_URL",

@@ -3,6 +3,7 @@
 //! End-to-end suites in `tests/tests/` and the store tests of other crates build on:
 //! - [`RedisServer`]: a `redis-server` from `PATH` on a free loopback port, with its own
 //!   temporary data folder, that can be killed and restarted on the same port and folder;
+//! - [`RedisCluster`]: three such servers made a Redis Cluster (`redis-cli --cluster create`);
 //! - [`Process`]: a child process (usually `touchpoint-node`) whose output goes to a log file,
 //!   killed with SIGKILL on drop (and whose log tail is printed when a test panics);
 //! - [`SchedulerNode`] and [`WorkerNode`]: a scheduler or worker running as a real process of
@@ -20,7 +21,8 @@
 //!   external gRPC channel adapter in Python, from a venv [`python`] makes once);
 //! - [`eventually`]: polling instead of sleeping;
 //! - [`TcpProxy`]: a TCP proxy to cut and restore, a network failure between two processes;
-//! - [`Stack`]: all of the above for one test (Redis, receiver, scheduler, workers), and
+//! - [`Stack`]: all of the above for one test (Redis, receiver, scheduler, workers) on one
+//!   server or, with `TOUCHPOINT_TEST_REDIS=cluster`, a Redis Cluster ([`TestRedis`]), and
 //!   [`welcome_yaml`], the repository's example journey with a short wait.
 //! - [`soak`]: the bounded chaos soak behind the `touchpoint-soak` binary (not run by
 //!   `cargo test`).
@@ -36,6 +38,7 @@ mod process;
 mod proxy;
 pub mod python;
 mod receiver;
+mod redis_cluster;
 mod redis_server;
 mod security;
 mod signature;
@@ -54,10 +57,13 @@ pub use process::Process;
 pub use proxy::TcpProxy;
 pub use python::PythonAdapter;
 pub use receiver::{ReceivedRequest, Reply, WebhookReceiver};
+pub use redis_cluster::RedisCluster;
 pub use redis_server::RedisServer;
 pub use security::{ClientOptions, ROLES, Security, TestPki, TestTokens, sha256_hex};
 pub use signature::{generate_secret, sign, verify_signature};
 pub use sms_server::SmsServer;
 pub use smtp_server::{SmtpServer, SmtpTls};
-pub use stack::{SECRET_ENV, Stack, contact, request_id, to_map, welcome_yaml};
+pub use stack::{
+    SECRET_ENV, Stack, TEST_REDIS_ENV, TestRedis, contact, request_id, to_map, welcome_yaml,
+};
 pub use wecom_server::{CallbackSender, WecomServer, generate_encoding_aes_key};

@@ -25,6 +25,27 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Redis Cluster's bus port is the client port + 10000.
+const CLUSTER_BUS_OFFSET: u16 = 10000;
+
+/// A free port for a Redis Cluster node: the port and its cluster bus port (the port +
+/// 10000) are both free now, and neither is handed out again within this process.
+pub(crate) fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        let Some(bus) = port.checked_add(CLUSTER_BUS_OFFSET) else {
+            continue;
+        };
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let handed_out = handed_out.get_or_insert_with(HashSet::new);
+        if TcpListener::bind(("127.0.0.1", bus)).is_ok() && handed_out.insert(bus) {
+            return port;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,5 +57,12 @@ mod tests {
         assert_ne!(a, b);
         TcpListener::bind(("127.0.0.1", a)).expect("port a is free");
         TcpListener::bind(("127.0.0.1", b)).expect("port b is free");
+    }
+
+    #[test]
+    fn cluster_ports_come_with_a_free_bus_port() {
+        let port = free_cluster_port();
+        TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+        TcpListener::bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET)).expect("its bus port is free");
     }
 }

@@ -10,7 +10,7 @@ use std::{
 
 use tempfile::TempDir;
 
-use crate::free_port;
+use crate::{free_port, ports::free_cluster_port};
 
 /// How long a starting `redis-server` may take to answer PING.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,6 +26,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     appendonly: bool,
+    /// A Redis Cluster node (see [`crate::RedisCluster`]).
+    cluster: bool,
     dir: TempDir,
 }
 
@@ -45,14 +47,26 @@ impl RedisServer {
     /// # Panics
     /// As [`RedisServer::start`].
     pub fn start_with(appendonly: bool) -> Self {
+        Self::launch(free_port(), appendonly, false)
+    }
+
+    /// Starts a Redis Cluster node (`cluster-enabled yes`, its `nodes.conf` and AOF in its
+    /// data folder) on a port whose cluster bus port (+10000) is free too. It serves no
+    /// slots until [`crate::RedisCluster`] creates the cluster.
+    pub(crate) fn start_cluster_node() -> Self {
+        Self::launch(free_cluster_port(), true, true)
+    }
+
+    fn launch(port: u16, appendonly: bool, cluster: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("touchpoint-redis-")
             .tempdir()
             .expect("create a temporary Redis folder");
         let mut server = Self {
             child: None,
-            port: free_port(),
+            port,
             appendonly,
+            cluster,
             dir,
         };
         server.spawn();
@@ -107,7 +121,7 @@ impl RedisServer {
         let dir = self.dir.path();
         let port = self.port.to_string();
         let log = dir.join("redis.log");
-        let args: Vec<&std::ffi::OsStr> = vec![
+        let mut args: Vec<&std::ffi::OsStr> = vec![
             "--port".as_ref(),
             port.as_ref(),
             "--bind".as_ref(),
@@ -127,6 +141,16 @@ impl RedisServer {
             "--logfile".as_ref(),
             log.as_os_str(),
         ];
+        if self.cluster {
+            args.extend::<[&std::ffi::OsStr; 6]>([
+                "--cluster-enabled".as_ref(),
+                "yes".as_ref(),
+                "--cluster-config-file".as_ref(),
+                "nodes.conf".as_ref(),
+                "--cluster-node-timeout".as_ref(),
+                "5000".as_ref(),
+            ]);
+        }
         let child = match Command::new("redis-server")
             .args(&args)
             .stdin(Stdio::null())

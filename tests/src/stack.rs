@@ -1,5 +1,6 @@
-//! A whole local system for one test: Redis, a webhook receiver, a scheduler process and
-//! worker processes whose webhook channels all point at the receiver.
+//! A whole local system for one test: Redis (one server or a Redis Cluster), a webhook
+//! receiver, a scheduler process and worker processes whose webhook channels all point at
+//! the receiver.
 
 use std::{
     collections::HashMap,
@@ -9,14 +10,91 @@ use std::{
 use touchpoint_proto::v1::{
     ApplyPlaybookRequest, ApplyPlaybookResponse, Contact, EnrollRequest, EnrollResponse,
 };
+use touchpoint_scheduler::store::RedisConnection;
 
 use crate::{
-    ChannelConfig, RedisServer, SchedulerNode, Security, TouchpointClient, WebhookReceiver,
-    WorkerConfig, WorkerNode, generate_secret,
+    ChannelConfig, RedisCluster, RedisServer, SchedulerNode, Security, TouchpointClient,
+    WebhookReceiver, WorkerConfig, WorkerNode, generate_secret,
 };
 
 /// The environment variable the workers' webhook channels read their secret from.
 pub const SECRET_ENV: &str = "TEST_WEBHOOK_SECRET";
+
+/// The environment variable choosing what [`Stack::start`] runs on: `cluster` for a
+/// three-primary Redis Cluster, `single` (or unset) for one `redis-server`.
+pub const TEST_REDIS_ENV: &str = "TOUCHPOINT_TEST_REDIS";
+
+/// The Redis a [`Stack`] runs on.
+#[derive(Debug)]
+pub enum TestRedis {
+    /// One `redis-server`.
+    Server(RedisServer),
+    /// A Redis Cluster of three primaries.
+    Cluster(RedisCluster),
+}
+
+impl TestRedis {
+    /// What [`TEST_REDIS_ENV`] asks for.
+    ///
+    /// # Panics
+    /// When it is set to something other than `single` or `cluster`.
+    pub fn from_env() -> Self {
+        match std::env::var(TEST_REDIS_ENV).as_deref() {
+            Ok("cluster") => Self::Cluster(RedisCluster::start()),
+            Ok("single" | "") | Err(_) => Self::Server(RedisServer::start()),
+            Ok(other) => panic!("{TEST_REDIS_ENV}={other:?}: expected `single` or `cluster`"),
+        }
+    }
+
+    /// The URL the scheduler takes (`redis://...` or `redis+cluster://...`).
+    pub fn url(&self) -> String {
+        match self {
+            Self::Server(server) => server.url(),
+            Self::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    /// A connection as the scheduler makes it, to look at keys directly.
+    ///
+    /// # Panics
+    /// When Redis cannot be reached.
+    pub async fn connection(&self) -> RedisConnection {
+        RedisConnection::connect(&self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connect to the test Redis: {e}"))
+    }
+
+    /// Kills Redis (every node of a cluster) with SIGKILL and starts it again on the same
+    /// ports and data.
+    pub fn restart(&mut self) {
+        match self {
+            Self::Server(server) => server.restart(),
+            Self::Cluster(cluster) => cluster.restart(),
+        }
+    }
+
+    /// The one server, for tests that only make sense on one (MONITOR, stopping it).
+    ///
+    /// # Panics
+    /// On a cluster.
+    pub fn server(&self) -> &RedisServer {
+        match self {
+            Self::Server(server) => server,
+            Self::Cluster(_) => panic!("this test needs a single redis-server, not a cluster"),
+        }
+    }
+
+    /// [`TestRedis::server`], to stop or restart it.
+    ///
+    /// # Panics
+    /// On a cluster.
+    pub fn server_mut(&mut self) -> &mut RedisServer {
+        match self {
+            Self::Server(server) => server,
+            Self::Cluster(_) => panic!("this test needs a single redis-server, not a cluster"),
+        }
+    }
+}
 
 /// Redis (AOF on), a [`WebhookReceiver`], a scheduler and, once started, workers serving
 /// `channels` as webhooks to the receiver, signed with [`Stack::secret`].
@@ -28,7 +106,7 @@ pub struct Stack {
     pub scheduler: SchedulerNode,
     pub client: TouchpointClient,
     pub receiver: WebhookReceiver,
-    pub redis: RedisServer,
+    pub redis: TestRedis,
     /// The Standard Webhooks secret (`whsec_...`) the workers sign with.
     pub secret: String,
     bin: PathBuf,
@@ -37,11 +115,21 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Starts Redis, the receiver and a scheduler (with `scheduler_flags` such as
-    /// `["--lease", "2s"]`), waits until the scheduler answers, then starts worker `w-1`
-    /// serving `channels` (none when `channels` is empty).
+    /// Starts Redis ([`TestRedis::from_env`]), the receiver and a scheduler (with
+    /// `scheduler_flags` such as `["--lease", "2s"]`), waits until the scheduler answers,
+    /// then starts worker `w-1` serving `channels` (none when `channels` is empty).
     pub async fn start(bin: impl AsRef<Path>, scheduler_flags: &[&str], channels: &[&str]) -> Self {
         Self::start_secured(bin, scheduler_flags, channels, Security::plaintext()).await
+    }
+
+    /// [`Stack::start`] on `redis`, whatever [`TEST_REDIS_ENV`] says.
+    pub async fn start_on(
+        redis: TestRedis,
+        bin: impl AsRef<Path>,
+        scheduler_flags: &[&str],
+        channels: &[&str],
+    ) -> Self {
+        Self::launch(redis, bin, scheduler_flags, channels, Security::plaintext()).await
     }
 
     /// [`Stack::start`] secured as `security` says: the scheduler serves TLS and requires
@@ -53,7 +141,23 @@ impl Stack {
         channels: &[&str],
         security: Security,
     ) -> Self {
-        let redis = RedisServer::start();
+        Self::launch(
+            TestRedis::from_env(),
+            bin,
+            scheduler_flags,
+            channels,
+            security,
+        )
+        .await
+    }
+
+    async fn launch(
+        redis: TestRedis,
+        bin: impl AsRef<Path>,
+        scheduler_flags: &[&str],
+        channels: &[&str],
+        security: Security,
+    ) -> Self {
         let receiver = WebhookReceiver::start().await;
         let mut scheduler =
             SchedulerNode::start_secured(bin.as_ref(), &redis.url(), scheduler_flags, &security);

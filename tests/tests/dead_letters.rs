@@ -93,12 +93,7 @@ async fn retry(stack: &mut Stack, target: Target) -> Result<u32, tonic::Status> 
 /// The TTL of a run's hash in Redis (-1: none; -2: no such key).
 async fn run_ttl(stack: &Stack, run_id: &str) -> i64 {
     let partition = run_id.rsplit('-').next().unwrap_or_default();
-    let mut conn = stack
-        .redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to the test redis");
+    let mut conn = stack.redis.connection().await;
     redis::cmd("TTL")
         .arg(format!("tp:{{p{partition}}}:run:{run_id}"))
         .query_async(&mut conn)

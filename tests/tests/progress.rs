@@ -104,12 +104,7 @@ fn run_key(run_id: &str) -> String {
 }
 
 async fn resume_state_in_redis(stack: &Stack, run_id: &str) -> Option<String> {
-    let mut conn = stack
-        .redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to redis");
+    let mut conn = stack.redis.connection().await;
     redis::cmd("HGET")
         .arg(run_key(run_id))
         .arg("rs")

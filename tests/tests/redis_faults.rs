@@ -1,13 +1,17 @@
 //! The scheduler against an unfriendly Redis: one configured to evict keys is refused,
 //! one without an append-only file is used with a warning, and one that is stopped for
 //! a few seconds makes API calls fail fast while timers pause and then catch up, late
-//! but never skipped and never doubled.
+//! but never skipped and never doubled. Each stops or restarts one `redis-server`, so
+//! they run on one server whatever `TOUCHPOINT_TEST_REDIS` says (tests/cluster.rs
+//! refuses an evicting cluster primary).
 
 use std::{collections::HashMap, time::Duration};
 
 use tonic::Code;
 use touchpoint_proto::v1::{ListPlaybooksRequest, RunStatus};
-use touchpoint_tests::{RedisServer, SchedulerNode, Stack, contact, eventually, request_id};
+use touchpoint_tests::{
+    RedisServer, SchedulerNode, Stack, TestRedis, contact, eventually, request_id,
+};
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,7 +65,8 @@ async fn a_redis_without_an_append_only_file_is_used_with_a_warning() {
 async fn redis_down_for_five_seconds_fails_calls_fast_and_timers_catch_up() {
     // A short lease: a claim whose answer Redis could not send before stopping comes
     // back after it.
-    let mut stack = Stack::start(NODE, &["--lease", "5s"], &["wecom"]).await;
+    let redis = TestRedis::Server(RedisServer::start());
+    let mut stack = Stack::start_on(redis, NODE, &["--lease", "5s"], &["wecom"]).await;
     stack
         .apply(
             "name: outage\nsteps:\n  - {id: greet, action: send_message, channel: wecom}\n  \
@@ -83,6 +88,7 @@ async fn redis_down_for_five_seconds_fails_calls_fast_and_timers_catch_up() {
     // Stop Redis cleanly (it writes out its append-only file and exits).
     let mut conn = stack
         .redis
+        .server()
         .client()
         .get_multiplexed_async_connection()
         .await
@@ -90,7 +96,7 @@ async fn redis_down_for_five_seconds_fails_calls_fast_and_timers_catch_up() {
     let _ = redis::cmd("SHUTDOWN").query_async::<()>(&mut conn).await;
     assert!(
         eventually(TIMEOUT, || {
-            let running = stack.redis.is_running();
+            let running = stack.redis.server_mut().is_running();
             async move { !running }
         })
         .await
@@ -154,9 +160,11 @@ async fn enrollments_survive(
     use touchpoint_proto::v1::GetRunRequest;
 
     // No worker: the runs stay scheduled, only their records matter here.
-    let mut stack = Stack::start(NODE, &[], &[]).await;
+    let redis = TestRedis::Server(RedisServer::start());
+    let mut stack = Stack::start_on(redis, NODE, &[], &[]).await;
     let mut conn = stack
         .redis
+        .server()
         .client()
         .get_multiplexed_async_connection()
         .await
@@ -181,7 +189,7 @@ async fn enrollments_survive(
                 .run_id,
         );
     }
-    restart(&mut stack.redis);
+    restart(stack.redis.server_mut());
     for run_id in &acknowledged {
         let found = eventually(TIMEOUT, || {
             let mut runs = stack.client.runs.clone();

@@ -96,12 +96,7 @@ async fn scheduler_killed_during_a_wait_resumes_it_and_sends_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_during_a_wait_loses_nothing() {
     let mut stack = Stack::start(NODE, &[], &["wecom", "sms"]).await;
-    let mut conn = stack
-        .redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = stack.redis.connection().await;
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("appendfsync")

@@ -1,4 +1,5 @@
-//! Several schedulers against one Redis: they split the work without handing a step out
+//! Several schedulers against one Redis (or one Redis Cluster with
+//! `TOUCHPOINT_TEST_REDIS=cluster`): they split the work without handing a step out
 //! twice (every scheduler claims from every partition; `claim.lua` hands each due step to
 //! one of them), and when one is killed with SIGKILL the others carry on and hand its
 //! leased steps out again, with the same webhook-id, once the leases expire.
@@ -10,9 +11,9 @@ use std::{
 
 use touchpoint_proto::v1::{ApplyPlaybookRequest, ApplyStatus, EnrollRequest, RunStatus};
 use touchpoint_tests::{
-    ChannelConfig, ReceivedRequest, RedisServer, Reply, SECRET_ENV, SchedulerNode,
-    TouchpointClient, WebhookReceiver, WorkerConfig, WorkerNode, contact, eventually,
-    generate_secret, request_id, run_summary, verify_signature,
+    ChannelConfig, ReceivedRequest, Reply, SECRET_ENV, SchedulerNode, TestRedis, TouchpointClient,
+    WebhookReceiver, WorkerConfig, WorkerNode, contact, eventually, generate_secret, request_id,
+    run_summary, verify_signature,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
@@ -48,7 +49,7 @@ struct Cluster {
     schedulers: Vec<SchedulerNode>,
     clients: Vec<TouchpointClient>,
     receiver: WebhookReceiver,
-    _redis: RedisServer,
+    _redis: TestRedis,
     secret: String,
 }
 
@@ -56,7 +57,7 @@ const SIDES: [&str; 2] = ["a", "b"];
 
 impl Cluster {
     async fn start(scheduler_flags: &[&str]) -> Self {
-        let redis = RedisServer::start();
+        let redis = TestRedis::from_env();
         let receiver = WebhookReceiver::start().await;
         let secret = generate_secret();
         let mut schedulers = Vec::new();

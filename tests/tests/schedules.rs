@@ -1,4 +1,5 @@
-//! Recurring campaigns against a real redis-server, with the clock injected (`now`
+//! Recurring campaigns against a real redis-server (or a Redis Cluster with
+//! `TOUCHPOINT_TEST_REDIS=cluster`), with the clock injected (`now`
 //! arguments) instead of waiting: two schedulers racing for the same tick enroll every
 //! contact of the audience exactly once per tick; a scheduler that dies mid-tick is taken
 //! over after its lease; ticks across America/New_York's daylight-saving changes; missed
@@ -15,12 +16,12 @@ use touchpoint_scheduler::{
         ContactChange, ContactRecord, Enrolled, Keys, Store, TickClaim, TickCounts, TickProgress,
     },
 };
-use touchpoint_tests::RedisServer;
+use touchpoint_tests::TestRedis;
 
 const PARTITIONS: u16 = 8;
 const PREFIX: &str = "t";
 
-async fn store(redis: &RedisServer) -> Store {
+async fn store(redis: &TestRedis) -> Store {
     Store::connect(&redis.url(), PREFIX, PARTITIONS, 60)
         .await
         .expect("connect to the test redis")
@@ -62,15 +63,11 @@ async fn contacts(store: &Store, prefix: &str, count: usize, tags: &[&str]) -> V
 
 /// How many runs of `playbook` each contact has.
 async fn runs_per_contact(
-    redis: &RedisServer,
+    redis: &TestRedis,
     store: &Store,
     playbook: &str,
 ) -> HashMap<String, usize> {
-    let mut conn = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to the test redis");
+    let mut conn = redis.connection().await;
     let mut run_ids: Vec<String> = Vec::new();
     for partition in 0..store.partitions() {
         let ids: Vec<String> = redis::cmd("ZRANGE")
@@ -95,7 +92,7 @@ async fn runs_per_contact(
 
 /// Asserts that each of `contacts`, and nobody else, has `runs` runs of `playbook`.
 async fn assert_runs(
-    redis: &RedisServer,
+    redis: &TestRedis,
     store: &Store,
     playbook: &str,
     contacts: &[String],
@@ -135,7 +132,7 @@ async fn first_sight(store: &Store, playbook: &Playbook, now: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_schedulers_enroll_each_contact_once_per_tick() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let (a, b) = (store(&redis).await, store(&redis).await);
     let promo = playbook(
         "promo",
@@ -188,11 +185,7 @@ async fn two_schedulers_enroll_each_contact_once_per_tick() {
     }
 
     // The tick's record expires (after a week).
-    let mut conn = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis.connection().await;
     let ttl: i64 = redis::cmd("TTL")
         .arg(Keys::new(PREFIX).tick("promo", ms("2026-03-02T20:00:00+08:00")))
         .query_async(&mut conn)
@@ -203,7 +196,7 @@ async fn two_schedulers_enroll_each_contact_once_per_tick() {
 
 #[tokio::test]
 async fn a_tick_whose_owner_died_is_taken_over_after_the_lease() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let promo = playbook(
         "promo",
@@ -333,7 +326,7 @@ async fn enroll_for_tick(store: &Store, playbook: &Playbook, tick: i64, contact:
 
 #[tokio::test]
 async fn ticks_across_new_york_daylight_saving_changes() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let (a, b) = (store(&redis).await, store(&redis).await);
     let paid = contacts(&a, "paid", 20, &["paid"]).await;
 
@@ -406,7 +399,7 @@ async fn run_steps(a: &Store, b: &Store, playbook: &Playbook, steps: &[(&str, &s
 
 #[tokio::test]
 async fn missed_ticks_are_skipped_beyond_catch_up_and_caught_up_within_it() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let paid = contacts(&store, "paid", 10, &["paid"]).await;
     let hourly = playbook(
@@ -458,7 +451,7 @@ async fn missed_ticks_are_skipped_beyond_catch_up_and_caught_up_within_it() {
 
 #[tokio::test]
 async fn the_audience_is_the_contacts_with_every_tag_and_reentry_still_holds() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let both = contacts(&store, "both", 60, &["paid", "vip"]).await;
     contacts(&store, "paid-only", 300, &["paid"]).await;

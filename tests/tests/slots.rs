@@ -4,8 +4,10 @@
 //! ticks, rate limits, progress, cancels, pauses, dead letters and their retry), each
 //! script's declared keys and every key its commands touch must share one hash tag.
 //!
-//! Checked on a single redis-server: the property (one hash tag per script) is what
-//! makes the scripts run on Redis Cluster, where a script whose keys span slots fails.
+//! Checked on a single redis-server, whatever `TOUCHPOINT_TEST_REDIS` says (MONITOR
+//! watches one server): the property (one hash tag per script) is what makes the scripts
+//! run on Redis Cluster, where a script whose keys span slots fails. `cluster.rs` runs
+//! them on a real cluster.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -20,7 +22,8 @@ use touchpoint_proto::v1::{
     retry_dead_letters_request::Target,
 };
 use touchpoint_tests::{
-    ChannelConfig, Reply, SECRET_ENV, Stack, WorkerConfig, contact, request_id,
+    ChannelConfig, RedisServer, Reply, SECRET_ENV, Stack, TestRedis, WorkerConfig, contact,
+    request_id,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
@@ -190,8 +193,10 @@ fn keys_of(words: &[String]) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_script_touches_two_slots() {
-    let mut stack = Stack::start(NODE, &["--lease", "2s"], &[]).await;
-    let monitor = Monitor::start(stack.redis.port());
+    // MONITOR watches one server; on a cluster, Redis itself refuses a cross-slot script.
+    let redis = TestRedis::Server(RedisServer::start());
+    let mut stack = Stack::start_on(redis, NODE, &["--lease", "2s"], &[]).await;
+    let monitor = Monitor::start(stack.redis.server().port());
     // One delivery fails for good (a dead letter to retry), one is rate-limited (the
     // channel's bucket is penalized), one takes long enough to be heartbeated (its
     // lease extended); the rest succeed.

@@ -1,6 +1,7 @@
-//! The Lua scripts of the scheduler's store, against a real redis-server: claims are
-//! exclusive, leases expire back to due with the attempt counted, and an outcome only
-//! counts under the fencing token of the lease it was handed out under.
+//! The Lua scripts of the scheduler's store, against a real redis-server (or a Redis
+//! Cluster with `TOUCHPOINT_TEST_REDIS=cluster`): claims are exclusive, leases expire
+//! back to due with the attempt counted, and an outcome only counts under the fencing
+//! token of the lease it was handed out under.
 
 use std::collections::HashSet;
 
@@ -9,11 +10,11 @@ use touchpoint_scheduler::{
     run::{RunStatus, new_run_id},
     store::{Completion, ContactRecord, Enrolled, NewRun, Op, Retried, Store},
 };
-use touchpoint_tests::RedisServer;
+use touchpoint_tests::TestRedis;
 
 const PARTITIONS: u16 = 4;
 
-async fn store(redis: &RedisServer) -> Store {
+async fn store(redis: &TestRedis) -> Store {
     Store::connect(&redis.url(), "t", PARTITIONS, 60)
         .await
         .expect("connect to the test redis")
@@ -67,7 +68,7 @@ fn finish(run_id: &str, fence: u64) -> Completion {
 
 #[tokio::test]
 async fn a_stale_outcome_is_refused_after_its_lease_expired() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let now = 1_000_000;
     let (run_id, _) = enroll(&store, &new_run(1, "c-1", None, now)).await;
@@ -116,11 +117,7 @@ async fn a_stale_outcome_is_refused_after_its_lease_expired() {
     assert_eq!(run.status, RunStatus::Completed);
 
     // A finished run expires after the retention period.
-    let mut conn = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis.connection().await;
     let ttl: i64 = redis::cmd("TTL")
         .arg(format!("t:{{p1}}:run:{run_id}"))
         .query_async(&mut conn)
@@ -131,7 +128,7 @@ async fn a_stale_outcome_is_refused_after_its_lease_expired() {
 
 #[tokio::test]
 async fn the_same_request_id_starts_one_run() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let (first, created) = enroll(&store, &new_run(2, "c-2", Some("req-1"), 10)).await;
     assert!(created);
@@ -148,7 +145,7 @@ async fn the_same_request_id_starts_one_run() {
 /// batch's order.
 #[tokio::test]
 async fn a_batch_is_decided_run_by_run_in_order() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let now = 50_000;
     let never = |partition, contact: &str, request: Option<&str>| {
@@ -214,7 +211,7 @@ async fn a_batch_is_decided_run_by_run_in_order() {
 /// size return every run once, in order, however the runs fall on the partitions.
 #[tokio::test]
 async fn a_playbooks_runs_list_newest_first_across_partitions() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     // Uneven: most runs in partition 2, a few elsewhere, none in partition 3.
     let mut batch = Vec::new();
@@ -251,7 +248,7 @@ async fn a_playbooks_runs_list_newest_first_across_partitions() {
 
 #[tokio::test]
 async fn concurrent_claims_never_hand_out_a_run_twice() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let mut enrolled = HashSet::new();
     for i in 0..200 {
@@ -291,7 +288,7 @@ async fn futures_claims(store: &Store) -> Vec<String> {
 
 #[tokio::test]
 async fn a_retry_is_due_at_its_backoff_and_keeps_its_attempt_count() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let (run_id, _) = enroll(&store, &new_run(0, "c-3", None, 10)).await;
     let claim = store.claim(0, 10, 10, 1000).await.unwrap();
@@ -320,7 +317,7 @@ async fn a_retry_is_due_at_its_backoff_and_keeps_its_attempt_count() {
 /// the step looks up before applying a result.
 #[tokio::test]
 async fn the_same_outcome_twice_in_one_batch_counts_once() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let (run_id, _) = enroll(&store, &new_run(2, "c-5", None, 10)).await;
     let claim = store.claim(2, 10, 10, 60_000).await.unwrap();
@@ -360,7 +357,7 @@ async fn the_same_outcome_twice_in_one_batch_counts_once() {
 
 #[tokio::test]
 async fn cancelling_fences_out_the_worker_holding_the_step() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let (run_id, _) = enroll(&store, &new_run(1, "c-4", None, 10)).await;
     let claim = store.claim(1, 10, 10, 60_000).await.unwrap();
@@ -388,7 +385,7 @@ async fn cancelling_fences_out_the_worker_holding_the_step() {
 
 #[tokio::test]
 async fn a_deployment_keeps_its_partition_count() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     store(&redis).await;
     let err = Store::connect(&redis.url(), "t", PARTITIONS * 2, 60)
         .await
@@ -448,12 +445,8 @@ async fn fail_run(store: &Store, partition: u16, playbook: &str, now: i64, entry
     run_id
 }
 
-async fn ttl(redis: &RedisServer, run_id: &str, partition: u16) -> i64 {
-    let mut conn = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to the test redis");
+async fn ttl(redis: &TestRedis, run_id: &str, partition: u16) -> i64 {
+    let mut conn = redis.connection().await;
     redis::cmd("TTL")
         .arg(format!("t:{{p{partition}}}:run:{run_id}"))
         .query_async(&mut conn)
@@ -463,7 +456,7 @@ async fn ttl(redis: &RedisServer, run_id: &str, partition: u16) -> i64 {
 
 #[tokio::test]
 async fn a_run_failed_at_a_step_is_dead_lettered_without_expiry_until_retried() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let dead = fail_run(&store, 1, "p", 100, true).await;
     // Failing without a step entry (the playbook version cannot be loaded) is not a dead letter.
@@ -530,7 +523,7 @@ async fn a_run_failed_at_a_step_is_dead_lettered_without_expiry_until_retried() 
 
 #[tokio::test]
 async fn the_retry_keeps_the_timeline_of_earlier_steps() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let (run_id, _) = enroll(&store, &new_run(2, "c-t", None, 10)).await;
     let claim = store.claim(2, 10, 10, 60_000).await.unwrap();
@@ -585,7 +578,7 @@ async fn the_retry_keeps_the_timeline_of_earlier_steps() {
 
 #[tokio::test]
 async fn dead_letters_list_newest_first_across_partitions_by_page() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     // 30 dead letters over every partition, two playbooks.
     let mut expected = Vec::new();
@@ -646,12 +639,8 @@ async fn dead_letters_list_newest_first_across_partitions_by_page() {
 }
 
 /// The lease deadline of `run_id` in `partition` (None: not leased).
-async fn lease_deadline(redis: &RedisServer, run_id: &str, partition: u16) -> Option<i64> {
-    let mut conn = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to the test redis");
+async fn lease_deadline(redis: &TestRedis, run_id: &str, partition: u16) -> Option<i64> {
+    let mut conn = redis.connection().await;
     let score: Option<f64> = redis::cmd("ZSCORE")
         .arg(format!("t:{{p{partition}}}:lease"))
         .arg(run_id)
@@ -665,7 +654,7 @@ async fn lease_deadline(redis: &RedisServer, run_id: &str, partition: u16) -> Op
 /// expired; a stale token (superseded by a later claim or a cancel) extends nothing.
 #[tokio::test]
 async fn a_heartbeat_extends_only_a_live_lease_under_its_fence() {
-    let redis = RedisServer::start();
+    let redis = TestRedis::from_env();
     let store = store(&redis).await;
     let now = 1_000_000;
     let (a, _) = enroll(&store, &new_run(2, "c-a", None, now)).await;

@@ -134,7 +134,7 @@ impl Store {
     }
 
     /// Fetches the next `per_fetch` entries of every partition whose buffer ran dry
-    /// (one pipelined round trip).
+    /// (one pipelined round trip; one per primary on a cluster).
     async fn refill(&self, sources: &mut [Source], per_fetch: usize) -> Result<()> {
         let dry: Vec<usize> = (0..sources.len())
             .filter(|&i| sources[i].more && sources[i].buffer.is_empty())
@@ -142,42 +142,31 @@ impl Store {
         if dry.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        let mut commands = Vec::new();
         for &i in &dry {
             let source = &sources[i];
-            match &source.cursor {
+            let (max, min) = match &source.cursor {
                 // Entries with the cursor's score and a smaller id, then older ones.
                 Some((score, _)) => {
-                    pipe.cmd("ZRANGEBYSCORE")
-                        .arg(&source.key)
-                        .arg(score)
-                        .arg(score);
-                    pipe.cmd("ZREVRANGEBYSCORE")
-                        .arg(&source.key)
-                        .arg(format!("({score}"))
-                        .arg("-inf")
-                        .arg("WITHSCORES")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(per_fetch);
+                    let mut ties = redis::cmd("ZRANGEBYSCORE");
+                    ties.arg(&source.key).arg(score).arg(score);
+                    commands.push(ties);
+                    (format!("({score}"), "-inf")
                 }
-                None => {
-                    pipe.cmd("ZREVRANGEBYSCORE")
-                        .arg(&source.key)
-                        .arg("+inf")
-                        .arg("-inf")
-                        .arg("WITHSCORES")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(per_fetch);
-                }
-            }
+                None => ("+inf".to_owned(), "-inf"),
+            };
+            let mut older = redis::cmd("ZREVRANGEBYSCORE");
+            older
+                .arg(&source.key)
+                .arg(max)
+                .arg(min)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(per_fetch);
+            commands.push(older);
         }
-        let mut conn = self.conn.clone();
-        let mut answers: VecDeque<redis::Value> = pipe
-            .query_async::<Vec<redis::Value>>(&mut conn)
-            .await?
-            .into();
+        let mut answers: VecDeque<redis::Value> = self.conn.query_each(commands).await?.into();
         let mut next = || {
             answers
                 .pop_front()
@@ -251,12 +240,20 @@ impl Store {
         batch: usize,
         now_ms: i64,
     ) -> Result<Vec<(u16, u64)>> {
-        let mut pipe = redis::pipe();
-        for partition in 0..self.partitions {
-            pipe.zcard(self.keys.dead_playbook(partition, playbook));
-        }
-        let mut conn = self.conn.clone();
-        let sizes: Vec<u64> = pipe.query_async(&mut conn).await?;
+        let commands = (0..self.partitions)
+            .map(|partition| {
+                let mut size = redis::cmd("ZCARD");
+                size.arg(self.keys.dead_playbook(partition, playbook));
+                size
+            })
+            .collect();
+        let sizes = self
+            .conn
+            .query_each(commands)
+            .await?
+            .into_iter()
+            .map(redis::from_redis_value)
+            .collect::<Result<Vec<u64>, _>>()?;
         let mut retried = Vec::new();
         for (partition, size) in (0..self.partitions).zip(sizes) {
             if size == 0 {

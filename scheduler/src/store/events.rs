@@ -215,16 +215,19 @@ impl Store {
     /// The funnel counters of one playbook version, summed over partitions: fields
     /// `runs:<in|completed|failed|cancelled|converted>` and `<step index>:<counter>`.
     pub async fn stats(&self, playbook: &str, version: u32) -> Result<BTreeMap<String, i64>> {
-        let mut conn = self.conn.clone();
         let mut totals = BTreeMap::new();
         let partitions: Vec<u16> = (0..self.partitions).collect();
         for chunk in partitions.chunks(64) {
-            let mut pipe = redis::pipe();
-            for p in chunk {
-                pipe.hgetall(self.stats_key(*p, playbook, version));
-            }
-            let answers: Vec<BTreeMap<String, i64>> = pipe.query_async(&mut conn).await?;
-            for answer in answers {
+            let commands = chunk
+                .iter()
+                .map(|&p| {
+                    let mut counters = redis::cmd("HGETALL");
+                    counters.arg(self.stats_key(p, playbook, version));
+                    counters
+                })
+                .collect();
+            for answer in self.conn.query_each(commands).await? {
+                let answer: BTreeMap<String, i64> = redis::from_redis_value(answer)?;
                 for (field, n) in answer {
                     *totals.entry(field).or_insert(0) += n;
                 }

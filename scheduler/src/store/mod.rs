@@ -2,8 +2,11 @@
 //!
 //! Multi-key decisions are Lua scripts (`lua/*.lua`, one per operation) on keys of one
 //! partition, so they are atomic and Redis-Cluster-legal. See [`keys`] for the layout.
+//! Reads that span partitions (listings, stats, the backlog) go through
+//! [`RedisConnection::query_each`], which works on one server and on a cluster alike.
 
 mod budget;
+mod connection;
 mod contact;
 mod dead_letters;
 mod events;
@@ -13,10 +16,11 @@ mod schedules;
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use redis::{AsyncCommands, Script, aio::ConnectionManager};
+use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 
 pub use budget::{CapCheck, Send, Spent};
+pub use connection::{RedisConnection, URL_FORMS};
 pub use contact::ContactRecord;
 pub use dead_letters::{DeadLetterCursor, DeadLetterEntry, Retried};
 pub use events::{ContactChange, RecordedEvent};
@@ -96,7 +100,7 @@ impl Scripts {
 /// Touchpoint's state in Redis.
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     keys: Keys,
     partitions: u16,
     retention_secs: u64,
@@ -325,19 +329,15 @@ pub struct RunRecord {
 }
 
 impl Store {
-    /// Connects and checks the deployment's partition count.
+    /// Connects to the Redis or Redis Cluster `url` names (see [`URL_FORMS`]), checks
+    /// that it keeps every key, and checks the deployment's partition count.
     pub async fn connect(
         url: &str,
         prefix: &str,
         partitions: u16,
         retention_secs: u64,
     ) -> Result<Self> {
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(3)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(5)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let conn = RedisConnection::connect(url).await?;
         let store = Self {
             conn,
             keys: Keys::new(prefix),
@@ -356,37 +356,54 @@ impl Store {
     }
 
     /// Refuses a Redis that may evict keys (a lost timer is a lost reminder, a lost
-    /// request id a duplicate enrollment) and warns when it keeps no append-only file.
-    /// Reads `INFO`, which managed Redis services allow even where `CONFIG` is disabled.
+    /// request id a duplicate enrollment) and warns when it keeps no append-only file;
+    /// on a cluster, checks every primary. Reads `INFO`, which managed Redis services
+    /// allow even where `CONFIG` is disabled.
     async fn check_redis_config(&self) -> Result<()> {
-        let mut conn = self.conn.clone();
-        let memory: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut conn)
-            .await?;
-        let persistence: String = redis::cmd("INFO")
-            .arg("persistence")
-            .query_async(&mut conn)
-            .await?;
         let field = |info: &str, name: &str| {
             info.lines()
                 .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
                 .map(|value| value.trim().to_owned())
         };
-        match field(&memory, "maxmemory_policy") {
-            Some(policy) if policy != "noeviction" => {
-                return Err(Error::Config(format!(
-                    "Redis maxmemory-policy is {policy}: Redis could evict Touchpoint's keys (timers, runs, idempotency keys); set maxmemory-policy noeviction"
-                )));
+        for (node, memory) in self.info("memory").await? {
+            match field(&memory, "maxmemory_policy") {
+                Some(policy) if policy != "noeviction" => {
+                    return Err(Error::Config(format!(
+                        "Redis{node} maxmemory-policy is {policy}: Redis could evict Touchpoint's keys (timers, runs, idempotency keys); set maxmemory-policy noeviction"
+                    )));
+                }
+                _ => {}
             }
-            _ => {}
         }
-        if field(&persistence, "aof_enabled").as_deref() == Some("0") {
-            tracing::warn!(
-                "Redis keeps no append-only file (appendonly no): enrollments and outcomes since the last snapshot are lost if Redis restarts; set appendonly yes"
-            );
+        for (node, persistence) in self.info("persistence").await? {
+            if field(&persistence, "aof_enabled").as_deref() == Some("0") {
+                tracing::warn!(
+                    "Redis{node} keeps no append-only file (appendonly no): enrollments and outcomes since the last snapshot are lost if Redis restarts; set appendonly yes"
+                );
+            }
         }
         Ok(())
+    }
+
+    /// `INFO <section>` of the server, or of every primary of a cluster: the text, with
+    /// `" at <address>"` naming the primary on a cluster (empty on one server).
+    async fn info(&self, section: &str) -> Result<Vec<(String, String)>> {
+        let mut conn = self.conn.clone();
+        let answer: redis::Value = redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut conn)
+            .await?;
+        Ok(match answer {
+            // A cluster connection asks every primary and answers address → text.
+            redis::Value::Map(nodes) => nodes
+                .into_iter()
+                .map(|(node, info)| {
+                    let node: String = redis::from_redis_value(node)?;
+                    Ok((format!(" at {node}"), redis::from_redis_value(info)?))
+                })
+                .collect::<Result<_>>()?,
+            info => vec![(String::new(), redis::from_redis_value(info)?)],
+        })
     }
 
     async fn check_partitions(&self) -> Result<()> {
@@ -609,15 +626,21 @@ impl Store {
     }
 
     /// Steps due by `now_ms` (not leased) and runs in the dead-letter lists, over every
-    /// partition: one pipelined round trip.
+    /// partition: one pipelined round trip (one per primary on a cluster).
     pub async fn backlog(&self, now_ms: i64) -> Result<(u64, u64)> {
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
+        let mut commands = Vec::with_capacity(2 * usize::from(self.partitions));
         for partition in 0..self.partitions {
-            pipe.zcount(self.keys.due(partition), "-inf", now_ms)
-                .zcard(self.keys.dead(partition));
+            let mut due = redis::cmd("ZCOUNT");
+            due.arg(self.keys.due(partition)).arg("-inf").arg(now_ms);
+            let mut dead = redis::cmd("ZCARD");
+            dead.arg(self.keys.dead(partition));
+            commands.extend([due, dead]);
         }
-        let counts: Vec<u64> = timed("backlog", pipe.query_async(&mut conn)).await?;
+        let counts = timed("backlog", self.conn.query_each(commands))
+            .await?
+            .into_iter()
+            .map(redis::from_redis_value)
+            .collect::<Result<Vec<u64>, _>>()?;
         let due = counts.iter().step_by(2).sum();
         let dead = counts.iter().skip(1).step_by(2).sum();
         Ok((due, dead))
@@ -835,22 +858,24 @@ impl Store {
         Ok(self.get_runs(&[run_id.to_owned()]).await?.pop().flatten())
     }
 
-    /// Several runs in one round trip, in order.
+    /// Several runs in one round trip (one per primary on a cluster), in order.
     pub async fn get_runs(&self, run_ids: &[String]) -> Result<Vec<Option<RunRecord>>> {
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
+        let mut commands = Vec::with_capacity(2 * run_ids.len());
         let mut known = Vec::with_capacity(run_ids.len());
         for run_id in run_ids {
             if let Some(p) = partition_of_run(run_id, self.partitions) {
-                pipe.hgetall(format!("{}{run_id}", self.keys.run_prefix(p)));
-                pipe.zscore(self.keys.lease(p), run_id);
+                let mut run = redis::cmd("HGETALL");
+                run.arg(format!("{}{run_id}", self.keys.run_prefix(p)));
+                let mut lease = redis::cmd("ZSCORE");
+                lease.arg(self.keys.lease(p)).arg(run_id);
+                commands.extend([run, lease]);
                 known.push(true);
             } else {
                 known.push(false);
             }
         }
         let answers: Vec<(BTreeMap<String, String>, Option<f64>)> = if known.iter().any(|k| *k) {
-            let flat: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+            let flat = self.conn.query_each(commands).await?;
             flat.chunks(2)
                 .map(|pair| {
                     let fields = redis::from_redis_value(pair[0].clone()).unwrap_or_default();
@@ -885,7 +910,6 @@ impl Store {
         before: Option<&str>,
         count: usize,
     ) -> Result<Vec<String>> {
-        let mut conn = self.conn.clone();
         let mut cursor = before.map(str::to_owned);
         let mut out = Vec::with_capacity(count);
         // Enough per partition that one round usually fills the page.
@@ -894,17 +918,24 @@ impl Store {
             let max = cursor
                 .as_deref()
                 .map_or_else(|| "+".to_owned(), |id| format!("({id}"));
-            let mut pipe = redis::pipe();
-            for partition in 0..self.partitions {
-                pipe.cmd("ZREVRANGEBYLEX")
-                    .arg(self.keys.playbook_runs(partition, playbook))
-                    .arg(&max)
-                    .arg("-")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(per_partition);
-            }
-            let lists: Vec<Vec<String>> = timed("list_runs", pipe.query_async(&mut conn)).await?;
+            let commands = (0..self.partitions)
+                .map(|partition| {
+                    let mut command = redis::cmd("ZREVRANGEBYLEX");
+                    command
+                        .arg(self.keys.playbook_runs(partition, playbook))
+                        .arg(&max)
+                        .arg("-")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(per_partition);
+                    command
+                })
+                .collect();
+            let lists = timed("list_runs", self.conn.query_each(commands))
+                .await?
+                .into_iter()
+                .map(redis::from_redis_value)
+                .collect::<Result<Vec<Vec<String>>, _>>()?;
             // A partition that filled its share may hold more ids newer than others'
             // last ones: only ids at or above the newest such cut-off are certain.
             let frontier = lists
@@ -933,18 +964,18 @@ impl Store {
 
     /// Drops list entries of runs that expired.
     pub async fn forget_runs(&self, playbook: &str, run_ids: &[String]) -> Result<()> {
-        let mut pipe = redis::pipe();
-        for run_id in run_ids {
-            if let Some(partition) = partition_of_run(run_id, self.partitions) {
-                pipe.zrem(self.keys.playbook_runs(partition, playbook), run_id)
-                    .ignore();
-            }
-        }
-        if pipe.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self.conn.clone();
-        let () = pipe.query_async(&mut conn).await?;
+        let commands = run_ids
+            .iter()
+            .filter_map(|run_id| {
+                let partition = partition_of_run(run_id, self.partitions)?;
+                let mut command = redis::cmd("ZREM");
+                command
+                    .arg(self.keys.playbook_runs(partition, playbook))
+                    .arg(run_id);
+                Some(command)
+            })
+            .collect();
+        self.conn.query_each(commands).await?;
         Ok(())
     }
 }

@@ -89,13 +89,9 @@ impl Store {
         if scheduled {
             let _: () = conn.sadd(self.keys.scheduled(), name).await?;
         } else {
-            let _: () = redis::pipe()
-                .srem(self.keys.scheduled(), name)
-                .ignore()
-                .del(self.keys.schedule_state(name))
-                .ignore()
-                .query_async(&mut conn)
-                .await?;
+            // Two slots on a cluster: the set of names, and the playbook's own.
+            let _: () = conn.srem(self.keys.scheduled(), name).await?;
+            let _: () = conn.del(self.keys.schedule_state(name)).await?;
         }
         Ok(())
     }
