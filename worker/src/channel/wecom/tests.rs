@@ -138,6 +138,9 @@ fn contact_way_state_fits_30_characters_and_names_the_run() {
         "0190a3c4e5f67890abcdef0123456789-255",
         "ffffffffffffffffffffffffffffffff-65535",
         "00000000000000000000000000000000-7",
+        "035880qZShYqCy9k3dp668-53",
+        "zzzzzzzzzzzzzzzzzzzzzz-65535",
+        "0000000000000000000000-0",
     ] {
         let state = state_for_run(run_id);
         assert!(state.len() <= 30, "{state}");
@@ -145,9 +148,17 @@ fn contact_way_state_fits_30_characters_and_names_the_run() {
         assert_eq!(state_for_run(run_id), state, "stable");
         assert_eq!(run_id_from_state(&state).as_deref(), Some(run_id));
     }
-    let other = state_for_run("a-run-id-of-another-shape-that-is-long");
-    assert_eq!(other.len(), 30);
-    assert_eq!(run_id_from_state(&other), None);
+    for other in [
+        "a-run-id-of-another-shape-that-is-long",
+        "035880qZShYqCy9k3dp668-053",
+        "035880qZShYqCy9k3dp668-",
+    ] {
+        let state = state_for_run(other);
+        assert_eq!(state.len(), 30, "{other}");
+        assert_eq!(run_id_from_state(&state), None, "{other}");
+    }
+    assert_eq!(run_id_from_state("n035880qZShYqCy9k3dp668"), None);
+    assert_eq!(run_id_from_state("n035880qZShYqCy9k3dp66"), None);
     assert_ne!(
         state_for_run("0190a3c4e5f67890abcdef0123456789-1"),
         state_for_run("0190a3c4e5f67890abcdef0123456789-2")
