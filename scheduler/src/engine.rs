@@ -42,8 +42,8 @@ use crate::{
     playbook_cache::{LoadError, LoadedPlaybook, PlaybookCache},
     policy::{self, Policy},
     run::{
-        Next, RunStatus, StepOutcome, TimelineEntry, idempotency_key, next_step, partition_of_run,
-        retry_delay,
+        Next, RunStatus, StepOutcome, TimelineEntry, after_wait, after_wait_entered,
+        idempotency_key, next_step, partition_of_run, retry_delay,
     },
     store::{
         AfterEvent, CapCheck, ClaimedRun, Completion, ContactRecord, Op, Rate, Send, Spent, Stat,
@@ -563,7 +563,12 @@ impl Engine {
                 let tz = self.policy().tz_of(&run.contact.tz);
                 let due_ms = localtime::next_local_time(tz, now, *hour, *minute);
                 let detail = format!("until {hour:02}:{minute:02} {tz}");
-                return settle(Op::Hold { due_ms, wait: None }, detail, None, None);
+                let op = Op::Hold {
+                    due_ms,
+                    wait: None,
+                    then_step: after_wait(pb, index, due_ms),
+                };
+                return settle(op, detail, None, None);
             }
             StepKind::WaitFor(wait_for) => {
                 let target = |jump: Option<usize>| jump.unwrap_or(index + 1);
@@ -586,7 +591,7 @@ impl Engine {
                     }));
                 }
                 let then = match advance(pb, target(wait_for.on_event), now) {
-                    Op::Next { index, due_ms } => AfterEvent::Step {
+                    Op::Next { index, due_ms, .. } => AfterEvent::Step {
                         index,
                         delay_ms: due_ms - now,
                     },
@@ -605,6 +610,7 @@ impl Engine {
                 let op = Op::Hold {
                     due_ms: now + millis(wait_for.timeout),
                     wait: Some(wait),
+                    then_step: None,
                 };
                 return settle(op, format!("waiting for {}", wait_for.event), None, None);
             }
@@ -1624,7 +1630,11 @@ fn penalty_ms(retry_after_ms: u64) -> i64 {
 /// The op that moves a run to step `index` (or ends it, completed).
 fn advance(playbook: &Playbook, index: usize, now: i64) -> Op {
     match next_step(playbook, index, now) {
-        Next::Step { index, due_ms } => Op::Next { index, due_ms },
+        Next::Step { index, due_ms } => Op::Next {
+            index,
+            due_ms,
+            then_step: after_wait_entered(playbook, index, due_ms),
+        },
         Next::Completed => Op::Finish {
             index: playbook.steps.len(),
             status: RunStatus::Completed,

@@ -8,7 +8,7 @@ use crate::{
     engine::Engine,
     playbook::Playbook,
     playbook_cache::LoadedPlaybook,
-    run::{Next, new_run_id, next_step, partition_of_contact},
+    run::{Next, after_wait_entered, new_run_id, next_step, partition_of_contact},
     store::{self, ContactRecord, Enrolled, NewRun, Store},
 };
 use touchpoint_proto::telemetry::continue_trace;
@@ -110,6 +110,7 @@ pub fn new_run(
         // Validation refuses playbooks without steps.
         Next::Completed => (0, now),
     };
+    let then_step = after_wait_entered(playbook, first_step, due_ms);
     let mut contact = enrollment.contact;
     contact.tags.sort();
     contact.tags.dedup();
@@ -136,6 +137,7 @@ pub fn new_run(
         contact,
         first_step,
         due_ms,
+        then_step,
         now_ms: now,
         traceparent,
         request_id: enrollment.request_id,

@@ -33,6 +33,7 @@ fn new_run(partition: u16, contact: &str, request_id: Option<&str>, now: i64) ->
         },
         first_step: 0,
         due_ms: now,
+        then_step: None,
         now_ms: now,
         traceparent: String::new(),
         request_id: request_id.map(str::to_owned),
@@ -332,6 +333,7 @@ async fn the_same_outcome_twice_in_one_batch_counts_once() {
         op: Op::Next {
             index: 1,
             due_ms: 500,
+            then_step: None,
         },
         detail: "attempt 1: HTTP 200".into(),
         entry: Some(failed_entry(0, "done")),
@@ -535,6 +537,7 @@ async fn the_retry_keeps_the_timeline_of_earlier_steps() {
         op: Op::Next {
             index: 1,
             due_ms: 20,
+            then_step: None,
         },
         detail: String::new(),
         entry: Some(done.clone()),
@@ -737,4 +740,93 @@ async fn a_heartbeat_extends_only_a_live_lease_under_its_fence() {
             .unwrap(),
         (0, 1)
     );
+}
+
+/// The run hash's `wn` field, read straight from Redis.
+async fn wait_next(redis: &TestRedis, run_id: &str, partition: u16) -> Option<String> {
+    let mut conn = redis.connection().await;
+    redis::cmd("HGET")
+        .arg(format!("t:{{p{partition}}}:run:{run_id}"))
+        .arg("wn")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET")
+}
+
+#[tokio::test]
+async fn the_claim_at_a_waits_end_moves_the_run_straight_on_to_the_next_step() {
+    let redis = TestRedis::from_env();
+    let store = store(&redis).await;
+    let now = 1_000_000;
+    let wait_ends = now + 3_000;
+    let waiting = NewRun {
+        due_ms: wait_ends,
+        then_step: Some(1),
+        ..new_run(2, "c-wait", None, now)
+    };
+    let (run_id, _) = enroll(&store, &waiting).await;
+    assert_eq!(wait_next(&redis, &run_id, 2).await.as_deref(), Some("0 1"));
+    assert!(store.claim(2, now, 10, 100).await.unwrap().runs.is_empty());
+
+    let claim = store.claim(2, wait_ends + 5, 10, 100).await.unwrap();
+    assert_eq!(claim.runs.len(), 1);
+    let run = &claim.runs[0];
+    assert_eq!(
+        (run.step_index, run.attempt),
+        (1, 1),
+        "claimed at the step after the wait"
+    );
+    assert_eq!(
+        run.due_ms, wait_ends,
+        "due when the wait ended (its lag shows)"
+    );
+    let record = store.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(record.step_index, 1);
+    assert_eq!(record.fence, run.fence);
+    let [wait] = record.timeline.as_slice() else {
+        panic!("one timeline entry, the wait's: {:?}", record.timeline);
+    };
+    assert_eq!(
+        (wait.index, wait.due_ms, wait.done_ms, wait.attempts),
+        (0, wait_ends, wait_ends + 5, 0)
+    );
+    assert_eq!(wait_next(&redis, &run_id, 2).await, None, "used once");
+    let stats = store.stats("p", 1).await.unwrap();
+    assert_eq!(stats.get("0:done"), Some(&1), "{stats:?}");
+    assert_eq!(stats.get("1:in"), Some(&1), "{stats:?}");
+
+    // Its outcome moves it on like any claimed step's.
+    let (applied, stale) = store
+        .complete(2, wait_ends + 10, &[finish(&run_id, run.fence)])
+        .await
+        .unwrap();
+    assert_eq!((applied, stale), (1, 0));
+}
+
+#[tokio::test]
+async fn a_wait_next_mark_of_a_step_the_run_left_is_ignored() {
+    let redis = TestRedis::from_env();
+    let store = store(&redis).await;
+    let now = 1_000_000;
+    let stale = NewRun {
+        first_step: 2,
+        then_step: Some(3),
+        ..new_run(3, "c-stale", None, now)
+    };
+    let (run_id, _) = enroll(&store, &stale).await;
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("t:{{p3}}:run:{run_id}"))
+        .arg("wn")
+        .arg("0 1")
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+
+    let claim = store.claim(3, now, 10, 100).await.unwrap();
+    assert_eq!(claim.runs.len(), 1);
+    assert_eq!(claim.runs[0].step_index, 2, "still at its own step");
+    let record = store.get_run(&run_id).await.unwrap().unwrap();
+    assert!(record.timeline.is_empty(), "{:?}", record.timeline);
+    assert_eq!(wait_next(&redis, &run_id, 3).await, None, "dropped");
 }

@@ -115,6 +115,37 @@ pub fn next_step(playbook: &Playbook, index: usize, now_ms: i64) -> Next {
     }
 }
 
+/// The step a run waiting at `wait_index` (a `wait` or `wait_until`) goes straight on to
+/// when the wait ends at `due_ms`: the step after it, when that one is due at once (not
+/// another `wait`, not the end of the run). The claim at `due_ms` then completes the wait
+/// and hands that step out in one pass (`wn` in the run hash, see `claim.lua`), rather
+/// than completing the wait in one script call and leasing the next step in another.
+pub fn after_wait(playbook: &Playbook, wait_index: usize, due_ms: i64) -> Option<usize> {
+    let step = playbook.steps.get(wait_index)?;
+    if !matches!(
+        step.kind,
+        StepKind::Wait { .. } | StepKind::WaitUntil { .. }
+    ) {
+        return None;
+    }
+    match next_step(playbook, playbook.after(wait_index), due_ms) {
+        Next::Step {
+            index,
+            due_ms: then,
+        } if then == due_ms => Some(index),
+        _ => None,
+    }
+}
+
+/// [`after_wait`] for a run entering step `index`, due at `due_ms`: only a `wait` starts
+/// on entry (a `wait_until` is scheduled by its first claim, see the engine).
+pub fn after_wait_entered(playbook: &Playbook, index: usize, due_ms: i64) -> Option<usize> {
+    let step = playbook.steps.get(index)?;
+    matches!(step.kind, StepKind::Wait { .. })
+        .then(|| after_wait(playbook, index, due_ms))
+        .flatten()
+}
+
 /// Digits of run ids, in ASCII order so that ids of one length sort as their numbers.
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// Base-62 digits of a 128-bit number (62^22 > 2^128).
@@ -235,6 +266,31 @@ mod tests {
             }
         );
         assert_eq!(next_step(&playbook, 2, 1000), Next::Completed);
+    }
+
+    #[test]
+    fn a_wait_leads_straight_on_only_to_a_step_due_at_once() {
+        let playbook = parse(
+            "name: p\nsteps:\n  - {id: w1, wait: 2s}\n  - {id: a, action: send, channel: c}\n  \
+             - {id: w2, wait: 1s, goto: w4}\n  - {id: never, action: send, channel: c}\n  \
+             - {id: w4, wait_until: \"20:00\"}\n  - {id: w5, wait: 1s}\n  - {id: w6, wait: 1s}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            after_wait(&playbook, 0, 3000),
+            Some(1),
+            "wait, then an action"
+        );
+        assert_eq!(after_wait(&playbook, 1, 3000), None, "not a wait");
+        assert_eq!(after_wait(&playbook, 2, 3000), Some(4), "its goto");
+        assert_eq!(after_wait(&playbook, 4, 3000), None, "then another wait");
+        assert_eq!(after_wait(&playbook, 6, 3000), None, "then the end");
+        assert_eq!(after_wait_entered(&playbook, 0, 3000), Some(1));
+        assert_eq!(
+            after_wait_entered(&playbook, 4, 3000),
+            None,
+            "a wait_until starts at its first claim, not on entry"
+        );
     }
 
     #[test]

@@ -80,9 +80,9 @@ impl Scripts {
     fn load() -> Self {
         Self {
             apply_playbook: Script::new(include_str!("lua/apply_playbook.lua")),
-            enroll: Script::new(include_str!("lua/enroll.lua")),
-            claim: Script::new(include_str!("lua/claim.lua")),
-            complete: Script::new(include_str!("lua/complete.lua")),
+            enroll: with_counts(include_str!("lua/enroll.lua")),
+            claim: with_counts(include_str!("lua/claim.lua")),
+            complete: with_counts(include_str!("lua/complete.lua")),
             extend: Script::new(include_str!("lua/extend.lua")),
             cancel: Script::new(include_str!("lua/cancel.lua")),
             retry_dead: Script::new(include_str!("lua/retry_dead.lua")),
@@ -95,6 +95,12 @@ impl Scripts {
             progress: Script::new(include_str!("lua/progress.lua")),
         }
     }
+}
+
+/// A script that counts funnel stats: `lua/counts.lua` (its `count` and `write_counts`)
+/// goes first.
+fn with_counts(body: &str) -> Script {
+    Script::new(&format!("{}{body}", include_str!("lua/counts.lua")))
 }
 
 /// Touchpoint's state in Redis.
@@ -141,6 +147,9 @@ pub struct NewRun {
     pub contact: ContactRecord,
     pub first_step: usize,
     pub due_ms: i64,
+    /// When the first step is a `wait`: the step the claim at `due_ms` moves the run
+    /// straight on to (see [`crate::run::after_wait`]).
+    pub then_step: Option<usize>,
     pub now_ms: i64,
     pub traceparent: String,
     pub request_id: Option<String>,
@@ -219,7 +228,13 @@ pub struct Completed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// Move to step `index`, due at `due_ms`, first attempt.
-    Next { index: usize, due_ms: i64 },
+    Next {
+        index: usize,
+        due_ms: i64,
+        /// When step `index` is a `wait`: the step it leads to, which the claim at
+        /// `due_ms` moves the run straight on to (see [`crate::run::after_wait`]).
+        then_step: Option<usize>,
+    },
     /// Try step `index` again at `due_ms` as attempt `attempt`.
     Retry {
         index: usize,
@@ -233,6 +248,9 @@ pub enum Op {
     Hold {
         due_ms: i64,
         wait: Option<WaitRegistration>,
+        /// For a `wait_until`: the step the claim at `due_ms` moves the run straight on
+        /// to (see [`crate::run::after_wait`]).
+        then_step: Option<usize>,
     },
     /// Put a run of a paused playbook aside, keeping when its step came due.
     Park { due_ms: i64 },
@@ -567,6 +585,9 @@ impl Store {
                 ("ua", run.now_ms.to_string()),
                 ("tp", run.traceparent.clone()),
             ];
+            if let Some(step) = run.then_step {
+                run_fields.push(("wn", format!("{} {step}", run.first_step)));
+            }
             if run.goal.is_some() {
                 run_fields.push(("g", "1".to_owned()));
             }
@@ -663,7 +684,8 @@ impl Store {
             .arg(limit)
             .arg(lease_ms)
             .arg(self.keys.run_prefix(partition))
-            .arg(self.keys.contact_prefix(partition));
+            .arg(self.keys.contact_prefix(partition))
+            .arg(self.keys.stats_prefix(partition));
         let value: redis::Value = timed("claim", invocation.invoke_async(&mut conn)).await?;
         parse_claim(partition, value)
     }
@@ -721,18 +743,31 @@ impl Store {
                 .unwrap_or_default();
             // 'hold' and 'park' keep the step index the run is at.
             let (op, index, due_ms, attempt, status) = match &completion.op {
-                Op::Next { index, due_ms } => ("next", *index, *due_ms, 1, ""),
+                Op::Next {
+                    index,
+                    due_ms,
+                    then_step,
+                } => {
+                    then = then_step.map(|step| step.to_string()).unwrap_or_default();
+                    ("next", *index, *due_ms, 1, "")
+                }
                 Op::Retry {
                     index,
                     due_ms,
                     attempt,
                 } => ("retry", *index, *due_ms, *attempt, ""),
                 Op::Finish { index, status } => ("finish", *index, 0, 0, status.as_str()),
-                Op::Hold { due_ms, wait } => {
+                Op::Hold {
+                    due_ms,
+                    wait,
+                    then_step,
+                } => {
                     if let Some(wait) = wait {
                         wait_event = &wait.event;
                         then = wait.then.packed();
                         line = wait.matched_entry.to_line();
+                    } else if let Some(step) = then_step {
+                        then = step.to_string();
                     }
                     ("hold", 0, *due_ms, 1, "")
                 }

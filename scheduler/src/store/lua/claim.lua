@@ -4,8 +4,12 @@
 -- them. A run's `f` is the token of its next hand-out: it moves on whenever an attempt
 -- ends (outcome recorded, lease expired, run cancelled or woken), so claiming writes
 -- nothing to the run.
+-- A run at the end of a wait whose next step is due at once (`wn` = "<wait index> <next
+-- index>", written when the wait began) is moved straight on: the wait recorded done in
+-- its timeline and funnel, the run claimed at the next step, in this one call.
 -- KEYS[1] due set, KEYS[2] lease set
--- ARGV[1] now ms, ARGV[2] limit, ARGV[3] lease ms, ARGV[4] run key prefix, ARGV[5] contact key prefix
+-- ARGV[1] now ms, ARGV[2] limit, ARGV[3] lease ms, ARGV[4] run key prefix, ARGV[5] contact key
+-- prefix, ARGV[6] stats prefix
 -- Returns {claimed, expired count, next due ms or '', next lease deadline or ''};
 -- each claimed entry is {run id, fence, playbook, version, contact id, step index,
 -- attempt, traceparent, due ms, contact field/value list, {waiting step ('ws': the
@@ -34,7 +38,24 @@ local claimed = {}
 local leased = {}
 for _, id in ipairs(ids) do
   local key = runs .. id
-  local run = redis.call('HMGET', key, 'st', 'pb', 'v', 'c', 'i', 'a', 'tp', 'due', 'ws', 'ca', 'ev', 'rs', 'f')
+  local run = redis.call('HMGET', key, 'st', 'pb', 'v', 'c', 'i', 'a', 'tp', 'due', 'ws', 'ca', 'ev', 'rs', 'f', 'wn')
+  if run[1] == 'active' and run[14] then
+    redis.call('HDEL', key, 'wn')
+    local space = string.find(run[14], ' ', 1, true)
+    -- (A `wn` of a step the run has left is stale: dropped.)
+    if space and string.sub(run[14], 1, space - 1) == run[5] then
+      local wait, next_index = run[5], string.sub(run[14], space + 1)
+      local line = '{"i":' .. wait .. ',"s":"done","a":0,"due":' .. (run[8] or ARGV[1]) ..
+        ',"at":' .. ARGV[1] .. '}'
+      local timeline = redis.call('HGET', key, 't')
+      timeline = timeline and (timeline .. '\n' .. line) or line
+      redis.call('HSET', key, 'i', next_index, 'a', 1, 'ua', ARGV[1], 'd', '', 't', timeline)
+      local stats = ARGV[6] .. run[2] .. ':' .. run[3]
+      count(stats, wait .. ':done')
+      count(stats, next_index .. ':in')
+      run[5], run[6] = next_index, '1'
+    end
+  end
   if run[1] == 'active' then
     local fence = tonumber(run[13] or '1')
     leased[#leased + 1] = deadline
@@ -51,6 +72,8 @@ end
 for n = 1, #leased, 2000 do
   redis.call('ZADD', KEYS[2], unpack(leased, n, math.min(n + 1999, #leased)))
 end
+
+write_counts()
 
 local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local next_lease = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')

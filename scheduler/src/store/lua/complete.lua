@@ -17,7 +17,9 @@
 --   stat (funnel counter of the step being left or held: done, skipped, capped, failed,
 --   timed_out, deferred, or ''), unwait ('1': the run leaves a wait_for),
 --   wait event ('' for none), and where the run goes when that event comes, packed as
---   "<op> <index> <delay ms>" (op 'next' or 'finish'; due = the event's time + delay).
+--   "<op> <index> <delay ms>" (op 'next' or 'finish'; due = the event's time + delay);
+--   without a wait event, for a 'next' to a wait or a 'hold' of a wait_until, the step
+--   index the run goes straight on to when the wait ends (stored as `wn`, see claim.lua).
 -- ops: 'next' / 'retry' schedule step `index` at `due` with `attempt`; 'finish' ends the
 -- run with `status` and sets its expiry, except for a dead letter, which is kept until
 -- retried; 'hold' keeps the run at its step (a wait_until or wait_for now waiting),
@@ -36,15 +38,6 @@ local waits_prefix, goals_prefix, events_prefix, paused_prefix = ARGV[6], ARGV[7
 local applied, stale = 0, 0
 local released = {}
 local seen = {}
-local counts = {}
-local function count(key, field)
-  local fields = counts[key]
-  if not fields then
-    fields = {}
-    counts[key] = fields
-  end
-  fields[field] = (fields[field] or 0) + 1
-end
 local function append(timeline, line)
   if line == '' then
     return nil
@@ -143,6 +136,12 @@ for i = 12, #ARGV, 14 do
         fields[#fields + 1] = 'ws'
         fields[#fields + 1] = run[6]
       end
+      if ARGV[i + 12] == '' and ARGV[i + 13] ~= '' then
+        -- A wait (or a wait_until now holding): the step after it, which the claim at
+        -- the wait's end moves the run straight on to (claim.lua).
+        fields[#fields + 1] = 'wn'
+        fields[#fields + 1] = index .. ' ' .. ARGV[i + 13]
+      end
       redis.call('HSET', key, unpack(fields))
       if op == 'next' and lease_ms and tonumber(due) <= now then
         leased[#leased + 1] = now + lease_ms
@@ -174,9 +173,5 @@ end
 for n = 1, #leased, 2000 do
   redis.call('ZADD', KEYS[2], unpack(leased, n, math.min(n + 1999, #leased)))
 end
-for key, fields in pairs(counts) do
-  for field, n in pairs(fields) do
-    redis.call('HINCRBY', key, field, n)
-  end
-end
+write_counts()
 return {applied, stale, claimed}

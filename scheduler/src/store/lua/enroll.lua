@@ -18,16 +18,7 @@ local runs, contacts, requests, goals = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local tag_prefix, listed, stats_prefix = ARGV[7], ARGV[8], ARGV[9]
 local results = {}
 local scheduled = {}
-local counts = {}
 local listing = {}
-local function count(key, field)
-  local fields = counts[key]
-  if not fields then
-    fields = {}
-    counts[key] = fields
-  end
-  fields[field] = (fields[field] or 0) + 1
-end
 
 local function enroll(i)
   local id, due, request, playbook = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -119,9 +110,5 @@ add(KEYS[1], scheduled)
 for playbook, list in pairs(listing) do
   add(listed .. playbook, list)
 end
-for key, fields in pairs(counts) do
-  for field, n in pairs(fields) do
-    redis.call('HINCRBY', key, field, n)
-  end
-end
+write_counts()
 return results
