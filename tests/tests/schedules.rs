@@ -70,14 +70,18 @@ async fn runs_per_contact(
     let mut conn = redis.connection().await;
     let mut run_ids: Vec<String> = Vec::new();
     for partition in 0..store.partitions() {
-        let ids: Vec<String> = redis::cmd("ZRANGE")
+        let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
             .arg(Keys::new(PREFIX).playbook_runs(partition, playbook))
-            .arg(0)
-            .arg(-1)
+            .arg("-")
+            .arg("+")
             .query_async(&mut conn)
             .await
             .expect("list the playbook's runs");
-        run_ids.extend(ids);
+        run_ids.extend(
+            entries
+                .into_iter()
+                .filter_map(|(_, fields)| fields.get(1).cloned()),
+        );
     }
     let mut counts = HashMap::new();
     for chunk in run_ids.chunks(500) {

@@ -28,7 +28,8 @@ use touchpoint_tests::{
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
 
-/// Every script the store runs, by name.
+/// Every script the store runs, by name, as the store loads it (`claim`, `complete` and
+/// `enroll` after the shared `counts.lua`).
 const SCRIPTS: &[(&str, &str)] = &[
     (
         "apply_playbook",
@@ -40,15 +41,24 @@ const SCRIPTS: &[(&str, &str)] = &[
     ),
     (
         "claim",
-        include_str!("../../scheduler/src/store/lua/claim.lua"),
+        concat!(
+            include_str!("../../scheduler/src/store/lua/counts.lua"),
+            include_str!("../../scheduler/src/store/lua/claim.lua")
+        ),
     ),
     (
         "complete",
-        include_str!("../../scheduler/src/store/lua/complete.lua"),
+        concat!(
+            include_str!("../../scheduler/src/store/lua/counts.lua"),
+            include_str!("../../scheduler/src/store/lua/complete.lua")
+        ),
     ),
     (
         "enroll",
-        include_str!("../../scheduler/src/store/lua/enroll.lua"),
+        concat!(
+            include_str!("../../scheduler/src/store/lua/counts.lua"),
+            include_str!("../../scheduler/src/store/lua/enroll.lua")
+        ),
     ),
     (
         "event",

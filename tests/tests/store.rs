@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use touchpoint_scheduler::{
     playbook::Reentry,
     run::{RunStatus, new_run_id},
-    store::{Completion, ContactRecord, Enrolled, NewRun, Op, Retried, Store},
+    store::{Completion, ContactRecord, Enrolled, Listed, NewRun, Op, Retried, Store},
 };
 use touchpoint_tests::TestRedis;
 
@@ -224,26 +224,60 @@ async fn a_playbooks_runs_list_newest_first_across_partitions() {
         };
         batch.push(new_run(partition, &format!("c-{n}"), None, 1000 + n));
     }
-    for result in store.enroll_many(&batch).await {
-        result.expect("enroll");
+    // Two batches, so that the second is newer in every partition.
+    let (first, second) = batch.split_at(30);
+    for half in [first, second] {
+        for result in store.enroll_many(half).await {
+            result.expect("enroll");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    let mut expected: Vec<String> = batch.iter().map(|run| run.run_id.clone()).collect();
-    expected.sort();
-    expected.reverse();
+    let mut whole: Option<Vec<String>> = None;
     for page_size in [1, 7, 60, 100] {
-        let mut listed = Vec::new();
-        let mut before: Option<String> = None;
+        let mut listed: Vec<Listed> = Vec::new();
+        let mut before = None;
         loop {
             let page = store
-                .playbook_run_ids("p", before.as_deref(), page_size)
+                .playbook_run_ids("p", before, page_size)
                 .await
                 .expect("list");
             assert!(page.len() <= page_size);
             let Some(last) = page.last() else { break };
-            before = Some(last.clone());
+            before = Some(last.position);
             listed.extend(page);
         }
-        assert_eq!(listed, expected, "pages of {page_size}");
+        assert!(
+            listed.windows(2).all(|w| w[0].position > w[1].position),
+            "newest first, each once: {listed:?}"
+        );
+        let ids: Vec<String> = listed.into_iter().map(|l| l.run_id).collect();
+        // Every run once; within a partition, in reverse order of enrollment.
+        let mut sorted = ids.clone();
+        sorted.sort();
+        let mut enrolled: Vec<String> = batch.iter().map(|run| run.run_id.clone()).collect();
+        enrolled.sort();
+        assert_eq!(sorted, enrolled, "pages of {page_size}");
+        for partition in 0..PARTITIONS {
+            let in_partition = |ids: Vec<&String>| -> Vec<String> {
+                ids.into_iter()
+                    .filter(|id| id.ends_with(&format!("-{partition}")))
+                    .cloned()
+                    .collect()
+            };
+            let mut newest_first = in_partition(batch.iter().map(|run| &run.run_id).collect());
+            newest_first.reverse();
+            assert_eq!(in_partition(ids.iter().collect()), newest_first);
+        }
+        // The second batch before the first.
+        let second_ids: Vec<&String> = second.iter().map(|run| &run.run_id).collect();
+        assert!(
+            ids[..30].iter().all(|id| second_ids.contains(&id)),
+            "{ids:?}"
+        );
+        match &whole {
+            None => whole = Some(ids),
+            Some(whole) => assert_eq!(&ids, whole, "the same order whatever the page size"),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use crate::{
     playbook::StepKind,
     playbook_cache::{LoadedPlaybook, PlaybookCache},
     run::{RunStatus, StepOutcome, TimelineEntry},
-    store::{ContactRecord, Enrolled, RunRecord, Store},
+    store::{ContactRecord, Enrolled, ListPosition, Listed, RunRecord, Store},
 };
 
 /// Limits on what one enrollment may carry.
@@ -388,11 +388,15 @@ fn status_word(status: ProtoRunStatus) -> Option<RunStatus> {
 }
 
 /// Page tokens name the last run id returned and the filters they belong to.
-fn page_token(last: &str, playbook: &str, status: i32) -> String {
-    hex::encode(format!("{last}\n{playbook}\n{status}"))
+fn page_token(last: ListPosition, playbook: &str, status: i32) -> String {
+    hex::encode(format!("{}\n{playbook}\n{status}", last.to_token()))
 }
 
-fn parse_page_token(token: &str, playbook: &str, status: i32) -> Result<Option<String>, Status> {
+fn parse_page_token(
+    token: &str,
+    playbook: &str,
+    status: i32,
+) -> Result<Option<ListPosition>, Status> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -408,7 +412,7 @@ fn parse_page_token(token: &str, playbook: &str, status: i32) -> Result<Option<S
     let (last, token_playbook, token_status) = (parts.next(), parts.next(), parts.next());
     match (last, token_playbook, token_status) {
         (Some(last), Some(p), Some(s)) if p == playbook && s == status.to_string() => {
-            Ok(Some(last.to_owned()))
+            ListPosition::parse(last).map(Some).ok_or_else(invalid)
         }
         _ => Err(invalid()),
     }
@@ -449,53 +453,53 @@ impl RunService for RunApi {
         for _round in 0..20 {
             let mut candidates = Vec::new();
             for name in &names {
-                for id in self
+                for listed in self
                     .store
-                    .playbook_run_ids(name, cursor.as_deref(), page_size + 1)
+                    .playbook_run_ids(name, cursor, page_size + 1)
                     .await?
                 {
-                    candidates.push((id, name.clone()));
+                    candidates.push((listed, name.clone()));
                 }
             }
             if candidates.is_empty() {
                 cursor = None;
                 break;
             }
-            candidates.sort_by(|a, b| b.0.cmp(&a.0));
+            candidates.sort_by_key(|(listed, _)| std::cmp::Reverse(listed.position));
             candidates.truncate(page_size + 1);
-            let ids: Vec<String> = candidates.iter().map(|(id, _)| id.clone()).collect();
+            let ids: Vec<String> = candidates.iter().map(|(l, _)| l.run_id.clone()).collect();
             let records = self.store.get_runs(&ids).await?;
-            let mut gone: Vec<(String, String)> = Vec::new();
-            for ((id, name), record) in candidates.into_iter().zip(records) {
-                cursor = Some(id.clone());
+            let mut gone: Vec<(String, Listed)> = Vec::new();
+            for ((listed, name), record) in candidates.into_iter().zip(records) {
+                cursor = Some(listed.position);
                 match record {
-                    None => gone.push((name, id)),
+                    None => gone.push((name, listed)),
                     Some(record) if status_filter.is_none_or(|s| s == record.status) => {
                         if runs.len() == page_size {
                             break;
                         }
-                        runs.push(record);
+                        runs.push((listed.position, record));
                     }
                     Some(_) => {}
                 }
             }
-            for (name, id) in gone {
-                self.store.forget_runs(&name, &[id]).await?;
+            for (name, listed) in gone {
+                self.store.forget_runs(&name, &[listed]).await?;
             }
             if runs.len() == page_size {
                 break;
             }
         }
-        let next_page_token = match (&cursor, runs.len() == page_size) {
+        let next_page_token = match (cursor, runs.len() == page_size) {
             (Some(_), true) => runs
                 .last()
-                .map(|r| page_token(&r.run_id, &request.playbook, request.status))
+                .map(|(at, _)| page_token(*at, &request.playbook, request.status))
                 .unwrap_or_default(),
             (Some(last), false) => page_token(last, &request.playbook, request.status),
             (None, _) => String::new(),
         };
         let mut out = Vec::with_capacity(runs.len());
-        for record in runs {
+        for (_, record) in runs {
             out.push(self.to_proto(record).await?);
         }
         Ok(Response::new(v1::ListRunsResponse {
@@ -542,14 +546,15 @@ impl RunService for RunApi {
             )));
         }
         let mut cancelled = 0;
-        let mut before: Option<String> = None;
+        let mut before = None;
         loop {
-            let ids = self
+            let listed = self
                 .store
-                .playbook_run_ids(&request.playbook, before.as_deref(), 500)
+                .playbook_run_ids(&request.playbook, before, 500)
                 .await?;
-            let Some(last) = ids.last() else { break };
-            before = Some(last.clone());
+            let Some(last) = listed.last() else { break };
+            before = Some(last.position);
+            let ids: Vec<String> = listed.into_iter().map(|l| l.run_id).collect();
             for record in self.store.get_runs(&ids).await?.into_iter().flatten() {
                 if record.status != RunStatus::Active {
                     continue;

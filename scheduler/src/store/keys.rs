@@ -113,15 +113,15 @@ impl Keys {
         format!("{}:req:", self.partition(partition))
     }
 
-    /// Sorted set (all scores 0, ordered by run id, which starts with the time it was
-    /// made): the partition's runs of one playbook, for listing.
+    /// Stream, one entry (`r` = run id) per run: the partition's runs of one playbook,
+    /// for listing (see `run_lists`).
     pub fn playbook_runs(&self, partition: u16, playbook: &str) -> String {
         format!("{}{playbook}", self.playbook_runs_prefix(partition))
     }
 
     /// Prefix of the per-playbook run lists of a partition; the playbook name follows.
     pub fn playbook_runs_prefix(&self, partition: u16) -> String {
-        format!("{}:runs:", self.partition(partition))
+        format!("{}:runlog:", self.partition(partition))
     }
 
     /// Sorted set: run id → when it failed (ms), for every dead-lettered run of the

@@ -12,6 +12,7 @@ mod dead_letters;
 mod events;
 pub mod keys;
 mod rate;
+mod run_lists;
 mod schedules;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -26,6 +27,7 @@ pub use dead_letters::{DeadLetterCursor, DeadLetterEntry, Retried};
 pub use events::{ContactChange, RecordedEvent};
 pub use keys::Keys;
 pub use rate::{Rate, Taken};
+pub use run_lists::{ListPosition, Listed};
 pub use schedules::{AudiencePage, ScheduleState, TickClaim, TickCounts, TickProgress};
 
 use crate::{
@@ -582,8 +584,8 @@ impl Store {
                 ("f", "1".to_owned()),
                 ("due", run.due_ms.to_string()),
                 ("ca", run.now_ms.to_string()),
-                ("ua", run.now_ms.to_string()),
-                ("tp", run.traceparent.clone()),
+                // (No `ua` yet: a run not updated since is as old as `ca` says.)
+                ("tp", pack_traceparent(&run.traceparent)),
             ];
             if let Some(step) = run.then_step {
                 run_fields.push(("wn", format!("{} {step}", run.first_step)));
@@ -936,82 +938,25 @@ impl Store {
         }
         Ok(out)
     }
+}
 
-    /// A page of run ids of one playbook, newest first, strictly older than `before`:
-    /// a merge of the partitions' lists, a few ids from each per round trip.
-    pub async fn playbook_run_ids(
-        &self,
-        playbook: &str,
-        before: Option<&str>,
-        count: usize,
-    ) -> Result<Vec<String>> {
-        let mut cursor = before.map(str::to_owned);
-        let mut out = Vec::with_capacity(count);
-        // Enough per partition that one round usually fills the page.
-        let mut per_partition = (2 * count / usize::from(self.partitions.max(1))).max(4);
-        while out.len() < count {
-            let max = cursor
-                .as_deref()
-                .map_or_else(|| "+".to_owned(), |id| format!("({id}"));
-            let commands = (0..self.partitions)
-                .map(|partition| {
-                    let mut command = redis::cmd("ZREVRANGEBYLEX");
-                    command
-                        .arg(self.keys.playbook_runs(partition, playbook))
-                        .arg(&max)
-                        .arg("-")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(per_partition);
-                    command
-                })
-                .collect();
-            let lists = timed("list_runs", self.conn.query_each(commands))
-                .await?
-                .into_iter()
-                .map(redis::from_redis_value)
-                .collect::<Result<Vec<Vec<String>>, _>>()?;
-            // A partition that filled its share may hold more ids newer than others'
-            // last ones: only ids at or above the newest such cut-off are certain.
-            let frontier = lists
-                .iter()
-                .filter(|ids| ids.len() == per_partition)
-                .filter_map(|ids| ids.last())
-                .max()
-                .cloned();
-            let mut merged: Vec<String> = lists
-                .into_iter()
-                .flatten()
-                .filter(|id| frontier.as_ref().is_none_or(|cut| id >= cut))
-                .collect();
-            merged.sort_unstable_by(|a, b| b.cmp(a));
-            for id in merged.into_iter().take(count - out.len()) {
-                cursor = Some(id.clone());
-                out.push(id);
-            }
-            if frontier.is_none() {
-                break;
-            }
-            per_partition = per_partition.saturating_mul(2);
+/// A sampled W3C traceparent (`00-<32 hex trace id>-<16 hex span id>-01`) as kept in a
+/// run hash: its 48 hex digits alone, 7 bytes fewer in every run; any other kept whole.
+fn pack_traceparent(traceparent: &str) -> String {
+    match traceparent.split('-').collect::<Vec<_>>().as_slice() {
+        ["00", trace, span, "01"] if trace.len() == 32 && span.len() == 16 => {
+            format!("{trace}{span}")
         }
-        Ok(out)
+        _ => traceparent.to_owned(),
     }
+}
 
-    /// Drops list entries of runs that expired.
-    pub async fn forget_runs(&self, playbook: &str, run_ids: &[String]) -> Result<()> {
-        let commands = run_ids
-            .iter()
-            .filter_map(|run_id| {
-                let partition = partition_of_run(run_id, self.partitions)?;
-                let mut command = redis::cmd("ZREM");
-                command
-                    .arg(self.keys.playbook_runs(partition, playbook))
-                    .arg(run_id);
-                Some(command)
-            })
-            .collect();
-        self.conn.query_each(commands).await?;
-        Ok(())
+/// The traceparent a [`pack_traceparent`] text stands for.
+fn unpack_traceparent(kept: String) -> String {
+    let hex = kept.len() == 48 && kept.bytes().all(|b| b.is_ascii_hexdigit());
+    match (hex, kept.get(..32), kept.get(32..)) {
+        (true, Some(trace), Some(span)) => format!("00-{trace}-{span}-01"),
+        _ => kept,
     }
 }
 
@@ -1076,7 +1021,7 @@ fn parse_claimed(partition: u16, entries: Vec<redis::Value>) -> Result<Vec<Claim
             ),
             step_index,
             attempt,
-            traceparent: traceparent.unwrap_or_default(),
+            traceparent: unpack_traceparent(traceparent.unwrap_or_default()),
             due_ms: due_ms.unwrap_or_default(),
             waiting_step: waiting_step.parse().ok(),
             created_ms: created_ms.parse().unwrap_or_default(),
@@ -1117,8 +1062,11 @@ fn run_record(
         attempt: u32::try_from(number("a")).unwrap_or_default(),
         due_ms: number("due"),
         created_ms: number("ca"),
-        updated_ms: number("ua"),
-        traceparent: text("tp"),
+        updated_ms: fields
+            .get("ua")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| number("ca")),
+        traceparent: unpack_traceparent(text("tp")),
         detail: text("d"),
         timeline,
         leased,
@@ -1145,4 +1093,25 @@ async fn timed<T>(
         m.redis_errors.get_or_create(&labels).inc();
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{pack_traceparent, unpack_traceparent};
+
+    #[test]
+    fn sampled_traceparents_are_kept_short_and_come_back_whole() {
+        let sampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let kept = pack_traceparent(sampled);
+        assert_eq!(kept.len(), 48);
+        assert_eq!(unpack_traceparent(kept), sampled);
+        for other in [
+            "",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            assert_eq!(pack_traceparent(other), other);
+            assert_eq!(unpack_traceparent(other.to_owned()), other);
+        }
+    }
 }

@@ -583,10 +583,16 @@ impl Redis {
         let (mut due_bytes, mut due_entries, mut list_bytes, mut list_entries) =
             (0u64, 0u64, 0u64, 0u64);
         for partition in 0..partitions {
-            for (key, bytes, entries) in [
-                (keys.due(partition), &mut due_bytes, &mut due_entries),
+            for (key, length, bytes, entries) in [
+                (
+                    keys.due(partition),
+                    "ZCARD",
+                    &mut due_bytes,
+                    &mut due_entries,
+                ),
                 (
                     keys.playbook_runs(partition, "idle"),
+                    "XLEN",
                     &mut list_bytes,
                     &mut list_entries,
                 ),
@@ -595,7 +601,10 @@ impl Redis {
                     .cmd("MEMORY")
                     .arg("USAGE")
                     .arg(&key)
-                    .zcard(&key)
+                    .arg("SAMPLES")
+                    .arg(0)
+                    .cmd(length)
+                    .arg(&key)
                     .query_async(&mut conn)
                     .await?;
                 *bytes += usage.unwrap_or(0);

@@ -18,7 +18,6 @@ local runs, contacts, requests, goals = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local tag_prefix, listed, stats_prefix = ARGV[7], ARGV[8], ARGV[9]
 local results = {}
 local scheduled = {}
-local listing = {}
 
 local function enroll(i)
   local id, due, request, playbook = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -76,13 +75,7 @@ local function enroll(i)
   if goal ~= '' then
     redis.call('HSET', goals .. contact_id, id, goal)
   end
-  local list = listing[playbook]
-  if not list then
-    list = {}
-    listing[playbook] = list
-  end
-  list[#list + 1] = 0
-  list[#list + 1] = id
+  redis.call('XADD', listed .. playbook, '*', 'r', id)
   scheduled[#scheduled + 1] = due
   scheduled[#scheduled + 1] = id
   local stats = stats_prefix .. playbook .. ':' .. version
@@ -107,8 +100,5 @@ local function add(key, pairs_)
   end
 end
 add(KEYS[1], scheduled)
-for playbook, list in pairs(listing) do
-  add(listed .. playbook, list)
-end
 write_counts()
 return results
