@@ -54,8 +54,8 @@ local function enroll(i)
     end
   end
   local entered_field = 'e:' .. playbook
-  local entered = redis.call('HGET', contact, entered_field)
-  if entered and reentry ~= 'always' then
+  local entered = reentry ~= 'always' and redis.call('HGET', contact, entered_field)
+  if entered then
     local space = string.find(entered, ' ')
     local at = tonumber(string.sub(entered, 1, space - 1))
     local last = string.sub(entered, space + 1)
