@@ -5,6 +5,8 @@
 //! - [`run`]: run states, timeline entries, step transitions, backoff.
 //! - `engine`: the timer loop (claim due steps, settle or dispatch) and outcomes.
 //! - `workers`: connected workers and credit-based flow control.
+//! - `ownership`: scheduler membership and partition leases: which scheduler runs
+//!   which partition's timers.
 //! - `api`: thin tonic services.
 //! - [`auth`]: bearer tokens with roles, one tower layer in front of every service;
 //!   `tls`: the server's certificate and, for mutual TLS, the client CA.
@@ -20,6 +22,7 @@ mod engine;
 pub mod enrollment;
 pub mod localtime;
 mod observe;
+pub mod ownership;
 pub mod playbook;
 mod playbook_cache;
 pub mod policy;
@@ -55,6 +58,7 @@ use crate::{
     auth::{AuthLayer, Policy, Tokens},
     engine::{Engine, EngineConfig},
     enrollment::Enroller,
+    ownership::Ownership,
     playbook_cache::PlaybookCache,
     store::Store,
 };
@@ -102,6 +106,16 @@ pub struct SchedulerArgs {
     /// Name of this scheduler (default: a random one).
     #[arg(long, env = "TOUCHPOINT_SCHEDULER_ID")]
     pub scheduler_id: Option<String>,
+    /// How long a scheduler's membership and partition leases last unless renewed
+    /// (every third of it): the partitions of a scheduler that dies move to the others
+    /// within about this long.
+    #[arg(long, env = "TOUCHPOINT_PARTITION_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub partition_lease: Duration,
+    /// The gRPC address (`host:port`, or a URL) at which workers reach this scheduler,
+    /// told to every attached worker (default: the listen address; the host name and
+    /// port when listening on all interfaces).
+    #[arg(long, env = "TOUCHPOINT_ADVERTISE")]
+    pub advertise: Option<String>,
     /// Bearer tokens with roles (TOML, see docs/security.md). Without one, only
     /// loopback clients are accepted.
     #[arg(long, env = "TOUCHPOINT_AUTH_FILE")]
@@ -155,9 +169,18 @@ pub async fn run(
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         )
     });
+    let addr = listener.local_addr()?;
+    let ownership = Arc::new(Ownership::new(
+        scheduler_id.clone(),
+        args.advertise.clone().unwrap_or_else(|| advertised(addr)),
+        args.partitions,
+        args.partition_lease.max(Duration::from_millis(300)),
+    ));
+    let renewing = tokio::spawn(Arc::clone(&ownership).run(store.clone(), stop.clone()));
     let engine = Engine::start(
         store.clone(),
         Arc::clone(&playbooks),
+        Arc::clone(&ownership),
         EngineConfig {
             scheduler_id: scheduler_id.clone(),
             lease: args.lease,
@@ -203,7 +226,6 @@ pub async fn run(
     let reflection_v1alpha =
         reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
 
-    let addr = listener.local_addr()?;
     info!(%addr, scheduler = %scheduler_id, partitions = args.partitions, transport = server_tls.describe(), "touchpoint-scheduler listening");
     match &policy {
         Policy::Tokens(tokens) => info!(tokens = tokens.len(), "bearer tokens with roles required"),
@@ -268,7 +290,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            WorkerServiceServer::new(WorkerApi::new(Arc::clone(&engine)))
+            WorkerServiceServer::new(WorkerApi::new(Arc::clone(&engine), ownership.members()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
@@ -282,6 +304,7 @@ pub async fn run(
     let stopped = async {
         engine.stopped().await;
         let _ = campaigns.await;
+        let _ = renewing.await;
     };
     if tokio::time::timeout(Duration::from_secs(5), stopped)
         .await
@@ -329,6 +352,20 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     interrupt.await.unwrap_or(());
+}
+
+/// The address workers reach a scheduler listening on `listen` at, unless told
+/// otherwise: the listen address, or the host name and port on all interfaces.
+fn advertised(listen: SocketAddr) -> String {
+    if listen.ip().is_unspecified() {
+        format!(
+            "{}:{}",
+            gethostname::gethostname().to_string_lossy(),
+            listen.port()
+        )
+    } else {
+        listen.to_string()
+    }
 }
 
 /// A Redis URL without its password, for messages.
