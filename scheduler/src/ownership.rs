@@ -39,20 +39,27 @@ pub fn owner_of<'a>(partition: u16, members: &[&'a str]) -> Option<&'a str> {
         .max_by_key(|member| (rendezvous_hash(member, partition), *member))
 }
 
-/// A stable 64-bit hash of (member, partition): FNV-1a, then the SplitMix64 finalizer
-/// so that similar names spread evenly. Fixed here (not `std`'s hasher) so schedulers
-/// of different builds agree.
+/// A stable 64-bit hash of (member, partition): FNV-1a of the member's name, mixed with
+/// the partition through the SplitMix64 finalizer, so that similar names ("s1", "s2")
+/// still spread evenly. Fixed here (not `std`'s hasher) so schedulers of different
+/// builds agree.
 fn rendezvous_hash(member: &str, partition: u16) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in member.bytes().chain(partition.to_le_bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    let mut name: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in member.bytes() {
+        name ^= u64::from(byte);
+        name = name.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    hash ^= hash >> 30;
-    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    hash ^= hash >> 27;
-    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
-    hash ^ (hash >> 31)
+    let partition = mix(u64::from(partition).wrapping_add(0x9e37_79b9_7f4a_7c15));
+    mix(mix(name) ^ partition)
+}
+
+/// The SplitMix64 finalizer: every input bit affects every output bit.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// This scheduler's membership and partition leases, shared by the renew loop
@@ -249,6 +256,12 @@ mod tests {
 
     #[test]
     fn partitions_are_split_evenly() {
+        // Names that differ in one character spread as well as any.
+        let similar = ["s1", "s2", "s3"];
+        for member in similar {
+            let share = owned(member, &similar, 256).len();
+            assert!((60..=110).contains(&share), "{member}: {share}");
+        }
         let members = ["10.0.0.1:50051", "10.0.0.2:50051", "10.0.0.3:50051"];
         for member in members {
             let share = owned(member, &members, 256).len();
