@@ -111,9 +111,9 @@ pub struct SchedulerArgs {
     /// within about this long.
     #[arg(long, env = "TOUCHPOINT_PARTITION_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub partition_lease: Duration,
-    /// The gRPC address (`host:port`, or a URL) at which workers reach this scheduler,
-    /// told to every attached worker (default: the listen address; the host name and
-    /// port when listening on all interfaces).
+    /// The gRPC address (`host:port`, a host or IP taking the listen port, or a URL) at
+    /// which workers reach this scheduler, told to every attached worker (default: the
+    /// listen address; the host name and port when listening on all interfaces).
     #[arg(long, env = "TOUCHPOINT_ADVERTISE")]
     pub advertise: Option<String>,
     /// Bearer tokens with roles (TOML, see docs/security.md). Without one, only
@@ -172,7 +172,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let ownership = Arc::new(Ownership::new(
         scheduler_id.clone(),
-        args.advertise.clone().unwrap_or_else(|| advertised(addr)),
+        advertised(args.advertise.as_deref(), addr),
         args.partitions,
         args.partition_lease.max(Duration::from_millis(300)),
     ));
@@ -354,17 +354,22 @@ pub async fn shutdown_signal() {
     interrupt.await.unwrap_or(());
 }
 
-/// The address workers reach a scheduler listening on `listen` at, unless told
-/// otherwise: the listen address, or the host name and port on all interfaces.
-fn advertised(listen: SocketAddr) -> String {
-    if listen.ip().is_unspecified() {
-        format!(
-            "{}:{}",
-            gethostname::gethostname().to_string_lossy(),
-            listen.port()
-        )
-    } else {
-        listen.to_string()
+/// The address workers reach a scheduler listening on `listen` at: `advertise` (a host
+/// or IP without a port takes the listen port), else the listen address, or the host
+/// name and port when listening on all interfaces.
+fn advertised(advertise: Option<&str>, listen: SocketAddr) -> String {
+    let port = listen.port();
+    match advertise.map(str::trim).filter(|a| !a.is_empty()) {
+        Some(url) if url.contains("://") => url.to_owned(),
+        Some(address) => match address.parse::<std::net::IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port).to_string(),
+            Err(_) if address.contains(':') => address.to_owned(),
+            Err(_) => format!("{address}:{port}"),
+        },
+        None if listen.ip().is_unspecified() => {
+            format!("{}:{port}", gethostname::gethostname().to_string_lossy())
+        }
+        None => listen.to_string(),
     }
 }
 
@@ -375,5 +380,30 @@ fn redact_url(url: &str) -> String {
             format!("{}://[redacted]@{}", &url[..scheme], &url[at + 1..])
         }
         _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_advertised_address_takes_the_listen_port_when_it_has_none() {
+        let listen: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        assert_eq!(advertised(None, listen), "127.0.0.1:50051");
+        assert_eq!(advertised(Some("10.1.2.3"), listen), "10.1.2.3:50051");
+        assert_eq!(advertised(Some("fd00::7"), listen), "[fd00::7]:50051");
+        assert_eq!(advertised(Some("scheduler-1"), listen), "scheduler-1:50051");
+        assert_eq!(
+            advertised(Some("scheduler-1:6000"), listen),
+            "scheduler-1:6000"
+        );
+        assert_eq!(
+            advertised(Some("https://s1.example:443"), listen),
+            "https://s1.example:443"
+        );
+        let any: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        assert!(advertised(None, any).ends_with(":50051"));
+        assert!(!advertised(None, any).starts_with("0.0.0.0"));
     }
 }
