@@ -16,7 +16,7 @@ use touchpoint_scheduler::store::Store;
 use touchpoint_tests::{
     ChannelConfig, ReceivedRequest, Reply, SECRET_ENV, SchedulerNode, TestRedis, TouchpointClient,
     WebhookReceiver, WorkerConfig, WorkerNode, contact, eventually, eventually_some,
-    generate_secret, request_id, run_summary, verify_signature,
+    generate_secret, request_id, run_summary, stays, verify_signature,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
@@ -472,4 +472,71 @@ async fn schedulers_split_the_partitions_and_take_over_a_killed_ones() {
         worker.process().log_tail(30)
     );
     drop(fourth);
+}
+
+/// A scheduler that stops gracefully (SIGTERM) gives up its partitions and its
+/// membership at once: the other takes them at its next renewal (every third of the 6 s
+/// partition lease), long before the leases would have expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_stopping_gracefully_hands_its_partitions_over_at_once() {
+    let redis = TestRedis::from_env();
+    let flags = |id: &'static str| ["--scheduler-id", id, "--partition-lease", "6s"];
+    let mut leaving = SchedulerNode::start(NODE, &redis.url(), &flags("s1"));
+    let mut staying = SchedulerNode::start(NODE, &redis.url(), &flags("s2"));
+    leaving.client().await;
+    staying.client().await;
+    let store = Store::connect(&redis.url(), "tp", 256, 3600)
+        .await
+        .expect("connect to Redis");
+    wait_for_owners(&store, &["s1", "s2"], Duration::from_secs(20)).await;
+
+    leaving.process().signal("TERM");
+    let stopped = std::time::Instant::now();
+    wait_for_owners(&store, &["s2"], Duration::from_secs(15)).await;
+    let took = stopped.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "a graceful stop should hand the partitions over within a renewal (2 s), took {took:?}"
+    );
+    let members = store.live_schedulers(0).await.expect("read members");
+    assert_eq!(
+        members.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        ["s2"],
+        "the stopped scheduler left the members"
+    );
+}
+
+/// A worker configured with another name for its scheduler (`localhost` where the
+/// scheduler advertises `127.0.0.1`) holds one stream to it, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_holds_one_stream_to_a_scheduler_it_knows_by_two_addresses() {
+    let redis = TestRedis::from_env();
+    let mut scheduler = SchedulerNode::start(NODE, &redis.url(), &[]);
+    scheduler.client().await;
+    let config = WorkerConfig::new().channel(ChannelConfig::log("log"));
+    let mut worker = WorkerNode::start(
+        NODE,
+        &format!("http://localhost:{}", scheduler.port()),
+        "w-1",
+        &config,
+        &[],
+    );
+    let attached = eventually(Duration::from_secs(20), || {
+        let log = scheduler.process().log();
+        async move { log.contains("worker connected") }
+    })
+    .await;
+    assert!(attached, "{}", worker.process().log_tail(20));
+    // Peers (sent after Welcome) names the scheduler by its advertised 127.0.0.1 address.
+    let once = stays(Duration::from_secs(2), || {
+        let log = scheduler.process().log();
+        async move { log.matches("worker connected").count() == 1 }
+    })
+    .await;
+    assert!(
+        once,
+        "the worker attached twice:\n{}\n{}",
+        scheduler.process().log_tail(20),
+        worker.process().log_tail(20)
+    );
 }

@@ -288,12 +288,11 @@ impl Link {
         peers.retain(|address, peer| {
             let absent = peer.listed_at.elapsed() >= ABSENT_FOR;
             let gone = absent && !attached.contains(&peer.stream);
-            let keep = !peer.task.is_finished() && !gone;
-            if !keep {
+            if gone {
                 info!(%address, "no longer attaching to a scheduler that is gone");
                 peer.stop.cancel();
             }
-            keep
+            !gone && !peer.task.is_finished()
         });
     }
 
@@ -350,7 +349,8 @@ impl Link {
                 Err(error) => error,
             };
             let delay = backoff.next_delay();
-            if stream == SEED || !told {
+            // Once per outage, and each time while the worker has no stream at all.
+            if !told || (stream == SEED && self.outbox.open_streams() == 0) {
                 warn!(
                     %address,
                     error = %describe_error(&lost),
