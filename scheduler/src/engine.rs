@@ -1,14 +1,14 @@
 //! The engine: durable timers and the step life cycle.
 //!
 //! One timer loop per scheduler walks the partitions it owns (see `crate::ownership`)
-//! whose next due time has come, claims their due steps in batches (`claim.lua`: expired leases go back to due, due
-//! runs move into the lease set under a fresh fencing token), and for each claimed run
-//! either settles it at once (a wait that elapsed, a step whose `if` is false, a step
-//! with no worker to take it) or hands it to a worker. Workers' results come back
-//! through [`Engine::on_result`] and are applied in batches per partition
-//! (`complete.lua`), which schedules the next step in the same atomic call. Workers'
-//! heartbeats extend the leases of what they still hold ([`Engine::on_heartbeat`],
-//! `extend.lua`).
+//! whose next due time has come, claims their due steps in batches (`claim.lua`:
+//! expired leases go back to due, due runs move into the lease set under a fresh
+//! fencing token), and for each claimed run either settles it at once (a wait that
+//! elapsed, a step whose `if` is false, a step with no worker to take it) or hands it to
+//! a worker. Workers' results come back through [`Engine::on_result`] and are applied
+//! in batches per partition (`complete.lua`), which schedules the next step in the same
+//! atomic call. Workers' heartbeats extend the leases of what they still hold
+//! ([`Engine::on_heartbeat`], `extend.lua`).
 //!
 //! Channels with a rate limit (announced by workers, see [`Workers::channel_rate`]) take
 //! tokens from a bucket in Redis shared by every scheduler, once per channel per claim
