@@ -399,8 +399,13 @@ impl Engine {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.wake.notified(), if pause.is_zero() => {}
-                () = self.ownership.gained() => {
-                    lock(&self.next_check).iter_mut().for_each(|slot| *slot = 0);
+                gained = self.ownership.gained() => {
+                    let mut next_check = lock(&self.next_check);
+                    for partition in gained {
+                        if let Some(slot) = next_check.get_mut(usize::from(partition)) {
+                            *slot = 0;
+                        }
+                    }
                 }
                 () = tokio::time::sleep(sleep) => {}
             }

@@ -176,6 +176,7 @@ pub async fn run(
         args.partitions,
         args.partition_lease.max(Duration::from_millis(300)),
     ));
+    ownership.join(&store).await;
     let renewing = tokio::spawn(Arc::clone(&ownership).run(store.clone(), stop.clone()));
     let engine = Engine::start(
         store.clone(),

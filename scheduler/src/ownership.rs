@@ -29,6 +29,12 @@ use crate::{
     store::{Member, Store},
 };
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The member that owns `partition`: the one with the highest rendezvous hash, `None`
 /// when there are no members. Every scheduler computes the same answer from the same
 /// members, whatever their order.
@@ -74,8 +80,11 @@ pub(crate) struct Ownership {
     /// it does not. Counted from before the renewal was sent, so it ends no later than
     /// the lease in Redis.
     held_until: Mutex<Vec<i64>>,
-    /// Notified when partitions were taken, so the timer loop looks at them at once.
-    gained: Notify,
+    /// Partitions taken since the timer loop last asked ([`Ownership::gained`]), so it
+    /// looks at them at once.
+    gained: Mutex<Vec<u16>>,
+    /// Notified when `gained` gets partitions.
+    gained_some: Notify,
     /// The live schedulers, as last read.
     members: watch::Sender<Vec<Member>>,
 }
@@ -89,7 +98,8 @@ impl Ownership {
             address,
             lease,
             held_until: Mutex::new(vec![0; usize::from(partitions)]),
-            gained: Notify::new(),
+            gained: Mutex::new(Vec::new()),
+            gained_some: Notify::new(),
             members: watch::Sender::new(Vec::new()),
         }
     }
@@ -101,9 +111,15 @@ impl Ownership {
             .is_some_and(|until| *until > now)
     }
 
-    /// Completes when partitions were taken since the last call.
-    pub(crate) async fn gained(&self) {
-        self.gained.notified().await;
+    /// The partitions taken since the last call, once there are some.
+    pub(crate) async fn gained(&self) -> Vec<u16> {
+        loop {
+            let gained = std::mem::take(&mut *lock(&self.gained));
+            if !gained.is_empty() {
+                return gained;
+            }
+            self.gained_some.notified().await;
+        }
     }
 
     /// The live schedulers, updated whenever they change.
@@ -112,16 +128,29 @@ impl Ownership {
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, Vec<i64>> {
-        self.held_until
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.held_until)
     }
 
-    /// Renews every third of the lease until `stop`, then gives up the leases and the
-    /// membership.
+    /// Joins the schedulers and takes the partitions that are free to take: the first
+    /// renewal, before the scheduler serves, so that a lone scheduler's timers run from
+    /// its first moment.
+    pub(crate) async fn join(&self, store: &Store) {
+        if let Err(err) = self.renew(store).await {
+            warn!(error = %err, "joining the schedulers failed; retrying every third of the partition lease");
+        }
+        // The timer loop starts by looking at every partition anyway.
+        lock(&self.gained).clear();
+    }
+
+    /// Renews every third of the lease (after [`Ownership::join`]) until `stop`, then
+    /// gives up the leases and the membership.
     pub(crate) async fn run(self: Arc<Self>, store: Store, stop: CancellationToken) {
         let mut failing = false;
         loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(self.lease / 3) => {}
+            }
             match self.renew(&store).await {
                 Ok(()) if failing => {
                     failing = false;
@@ -133,10 +162,6 @@ impl Ownership {
                     warn!(error = %err, "renewing partition leases failed; partitions held are claimed until their leases run out");
                 }
                 Err(_) => {}
-            }
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep(self.lease / 3) => {}
             }
         }
         self.leave(&store).await;
@@ -169,14 +194,16 @@ impl Ownership {
             store.release_partitions(&self.id, &given_up).await?;
         }
         let until = started.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX));
-        let mut taken = 0_usize;
+        let mut taken = Vec::new();
         let mut waiting = 0_usize;
         let mut first_error = None;
         for (partition, owner) in store.acquire_partitions(&self.id, &wanted, lease_ms).await {
             let slot = &mut self.held()[usize::from(partition)];
             match owner {
                 Ok(owner) if owner == self.id => {
-                    taken += usize::from(*slot <= started);
+                    if *slot <= started {
+                        taken.push(partition);
+                    }
                     *slot = until;
                 }
                 Ok(_) => {
@@ -187,18 +214,19 @@ impl Ownership {
                 Err(err) => first_error = first_error.or(Some(err)),
             }
         }
-        if taken > 0 || !given_up.is_empty() {
+        if !taken.is_empty() || !given_up.is_empty() {
             info!(
                 members = ids.len(),
                 owned = wanted.len() - waiting,
-                taken,
+                taken = taken.len(),
                 given_up = given_up.len(),
                 waiting_for_others = waiting,
                 "partition ownership changed"
             );
         }
-        if taken > 0 {
-            self.gained.notify_one();
+        if !taken.is_empty() {
+            lock(&self.gained).extend(taken);
+            self.gained_some.notify_one();
         }
         self.members.send_if_modified(|known| {
             let changed = *known != members;
