@@ -107,8 +107,8 @@ pub struct SchedulerArgs {
     #[arg(long, env = "TOUCHPOINT_SCHEDULER_ID")]
     pub scheduler_id: Option<String>,
     /// How long a scheduler's membership and partition leases last unless renewed
-    /// (every third of it): the partitions of a scheduler that dies move to the others
-    /// within about this long.
+    /// (every third of it; at least 300ms): the partitions of a scheduler that dies move
+    /// to the others within about this long.
     #[arg(long, env = "TOUCHPOINT_PARTITION_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub partition_lease: Duration,
     /// The gRPC address (`host:port`, a host or IP taking the listen port, or a URL) at

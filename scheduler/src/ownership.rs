@@ -91,7 +91,7 @@ pub(crate) struct Ownership {
 
 impl Ownership {
     /// Scheduler `id`, reachable by workers at `address`, over `partitions` partitions
-    /// with leases of `lease`. Owns nothing until [`Ownership::run`] renews.
+    /// with leases of `lease`. Owns nothing until [`Ownership::join`].
     pub(crate) fn new(id: String, address: String, partitions: u16, lease: Duration) -> Self {
         Self {
             id,
