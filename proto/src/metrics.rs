@@ -121,7 +121,7 @@ pub struct WorkerMetrics {
     pub deliveries_in_flight: Gauge,
     /// Deliveries a provider answered with "slow down".
     pub rate_limited: Family<ChannelLabels, Counter>,
-    /// 1 while the worker is attached to a scheduler.
+    /// Schedulers the worker holds a stream to (0: none).
     pub scheduler_connected: Gauge,
 }
 
@@ -250,7 +250,7 @@ impl Metrics {
         );
         r.register(
             "touchpoint_worker_scheduler_connected",
-            "1 while the worker is attached to a scheduler",
+            "Schedulers the worker holds a stream to (0: none)",
             w.scheduler_connected.clone(),
         );
         Self {

@@ -1,14 +1,14 @@
 //! The engine: durable timers and the step life cycle.
 //!
-//! One timer loop per scheduler walks the partitions whose next due time has come,
-//! claims their due steps in batches (`claim.lua`: expired leases go back to due, due
-//! runs move into the lease set under a fresh fencing token), and for each claimed run
-//! either settles it at once (a wait that elapsed, a step whose `if` is false, a step
-//! with no worker to take it) or hands it to a worker. Workers' results come back
-//! through [`Engine::on_result`] and are applied in batches per partition
-//! (`complete.lua`), which schedules the next step in the same atomic call. Workers'
-//! heartbeats extend the leases of what they still hold ([`Engine::on_heartbeat`],
-//! `extend.lua`).
+//! One timer loop per scheduler walks the partitions it owns (see `crate::ownership`)
+//! whose next due time has come, claims their due steps in batches (`claim.lua`:
+//! expired leases go back to due, due runs move into the lease set under a fresh
+//! fencing token), and for each claimed run either settles it at once (a wait that
+//! elapsed, a step whose `if` is false, a step with no worker to take it) or hands it to
+//! a worker. Workers' results come back through [`Engine::on_result`] and are applied
+//! in batches per partition (`complete.lua`), which schedules the next step in the same
+//! atomic call. Workers' heartbeats extend the leases of what they still hold
+//! ([`Engine::on_heartbeat`], `extend.lua`).
 //!
 //! Channels with a rate limit (announced by workers, see [`Workers::channel_rate`]) take
 //! tokens from a bucket in Redis shared by every scheduler, once per channel per claim
@@ -38,6 +38,7 @@ use tracing::{Span, debug, field::Empty, info, info_span, warn};
 use crate::{
     clock::now_ms,
     localtime,
+    ownership::Ownership,
     playbook::{Action, Hold, Playbook, RetryPolicy, Step, StepKind},
     playbook_cache::{LoadError, LoadedPlaybook, PlaybookCache},
     policy::{self, Policy},
@@ -108,6 +109,8 @@ pub(crate) struct Engine {
     playbooks: Arc<PlaybookCache>,
     workers: Workers,
     config: EngineConfig,
+    /// The partitions this scheduler owns: the only ones it claims from.
+    ownership: Arc<Ownership>,
     /// When each partition should next be claimed from (ms); the timer loop sleeps
     /// until the earliest and is woken early through `wake`.
     next_check: Mutex<Vec<i64>>,
@@ -161,6 +164,7 @@ impl Engine {
     pub(crate) fn start(
         store: Store,
         playbooks: Arc<PlaybookCache>,
+        ownership: Arc<Ownership>,
         config: EngineConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -171,6 +175,7 @@ impl Engine {
             playbooks,
             workers: Workers::default(),
             config,
+            ownership,
             next_check: Mutex::new(vec![0; partitions]),
             wake: Notify::new(),
             in_flight: Mutex::new(HashMap::new()),
@@ -210,7 +215,10 @@ impl Engine {
         &self.config.scheduler_id
     }
 
-    /// Makes the timer loop look at `partition` no later than `due_ms`.
+    /// Makes the timer loop look at `partition` no later than `due_ms`. Only the owner of
+    /// a partition claims from it: a write through a scheduler that does not own the
+    /// partition is found by its owner at the owner's next idle poll of it (at worst
+    /// `--poll-interval` later).
     pub(crate) fn schedule_check(&self, partition: u16, due_ms: i64) {
         let mut next = lock(&self.next_check);
         if let Some(slot) = next.get_mut(usize::from(partition))
@@ -325,12 +333,26 @@ impl Engine {
                     () = tokio::time::sleep(Duration::from_millis(100)) => continue,
                 }
             }
-            let due: Vec<u16> = lock(&self.next_check)
-                .iter()
-                .enumerate()
-                .filter(|(_, at)| **at <= now)
-                .filter_map(|(p, _)| u16::try_from(p).ok())
-                .collect();
+            let due: Vec<u16> = {
+                let mut next_check = lock(&self.next_check);
+                let mut due = Vec::new();
+                for (p, at) in next_check.iter_mut().enumerate() {
+                    let Ok(partition) = u16::try_from(p) else {
+                        break;
+                    };
+                    if *at > now {
+                        continue;
+                    }
+                    if self.ownership.owns(partition, now) {
+                        due.push(partition);
+                    } else {
+                        // Another scheduler's: looked at again if it becomes ours
+                        // (`gained` below), or at the next poll.
+                        *at = now + millis(self.config.poll_interval);
+                    }
+                }
+                due
+            };
             let mut pause = Duration::ZERO;
             for partition in due {
                 if shutdown.is_cancelled() {
@@ -377,6 +399,14 @@ impl Engine {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.wake.notified(), if pause.is_zero() => {}
+                gained = self.ownership.gained() => {
+                    let mut next_check = lock(&self.next_check);
+                    for partition in gained {
+                        if let Some(slot) = next_check.get_mut(usize::from(partition)) {
+                            *slot = 0;
+                        }
+                    }
+                }
                 () = tokio::time::sleep(sleep) => {}
             }
         }
@@ -954,17 +984,11 @@ impl Engine {
     /// `state` the step's resume state (handed to its next attempt), recorded only under
     /// the current fencing token (checked again in `progress.lua`, atomically). A report
     /// on a run this scheduler has no record of goes to Redis as it is: the token decides.
-    pub(crate) fn on_progress(
-        self: &Arc<Self>,
-        connection: ConnectionId,
-        progress: v1::TaskProgress,
-    ) {
+    pub(crate) fn on_progress(self: &Arc<Self>, progress: v1::TaskProgress) {
         let partition = {
             let map = lock(&self.in_flight);
             match map.get(&progress.run_id) {
-                Some(f) if f.fence == progress.fencing_token && f.connection == connection => {
-                    Some(f.partition)
-                }
+                Some(f) if f.fence == progress.fencing_token => Some(f.partition),
                 None if !self.draining.load(Ordering::SeqCst) => {
                     partition_of_run(&progress.run_id, self.store.partitions())
                 }
@@ -972,7 +996,7 @@ impl Engine {
             }
         };
         let Some(partition) = partition else {
-            debug!(run_id = %progress.run_id, "progress on a task this connection does not hold; ignored");
+            debug!(run_id = %progress.run_id, "progress on a task no longer held under its fencing token; ignored");
             return;
         };
         let v1::TaskProgress {
@@ -1100,15 +1124,16 @@ impl Engine {
         None
     }
 
-    /// Applies a worker's report on a task it held. A report on a run this scheduler has
-    /// no record of is looked up in Redis instead ([`Engine::adopt_result`]).
+    /// Applies a worker's report on a task it held. The fencing token names the attempt,
+    /// whichever stream the report comes on (a worker attached to several schedulers,
+    /// or through two streams for a moment, sends results on any open one). A report
+    /// on a run this scheduler has no record of is looked up in Redis instead
+    /// ([`Engine::adopt_result`]).
     pub(crate) fn on_result(self: &Arc<Self>, connection: ConnectionId, result: TaskResult) {
         let (in_flight, known) = {
             let mut map = lock(&self.in_flight);
             match map.get(&result.run_id) {
-                Some(f) if f.fence == result.fencing_token && f.connection == connection => {
-                    (map.remove(&result.run_id), true)
-                }
+                Some(f) if f.fence == result.fencing_token => (map.remove(&result.run_id), true),
                 found => (None, found.is_some()),
             }
         };
@@ -1120,7 +1145,8 @@ impl Engine {
             }
             return;
         };
-        self.workers.release(connection, &in_flight.channel);
+        self.workers
+            .release(in_flight.connection, &in_flight.channel);
         if result.rate_limited {
             self.on_rate_limited(in_flight.channel.clone(), result.retry_after_ms);
         }
@@ -1206,28 +1232,23 @@ impl Engine {
         self.finish_reported(in_flight, result);
     }
 
-    /// A worker's heartbeat: extends the lease of every listed task that this connection
-    /// holds under the listed fencing token, by the lease duration from now, one
-    /// `extend.lua` call per partition (in the background, so the worker's results keep
-    /// flowing meanwhile). Tasks the connection does not hold (reported, handed back,
-    /// another's) are left out; leases that expired or were superseded in Redis are
-    /// not extended, and the late result of such a task is refused as any stale outcome.
-    /// A task of a run this scheduler has no record of (handed out before it restarted,
-    /// or by another scheduler) goes to `extend.lua` as it is: the fencing token decides.
-    pub(crate) fn on_heartbeat(
-        self: &Arc<Self>,
-        connection: ConnectionId,
-        heartbeat: v1::Heartbeat,
-    ) {
+    /// A worker's heartbeat: extends the lease of every listed task handed out under the
+    /// listed fencing token (whichever of the worker's streams the heartbeat comes on),
+    /// by the lease duration from now, one `extend.lua` call per partition (in the
+    /// background, so the worker's results keep flowing meanwhile). Tasks this scheduler
+    /// no longer holds under that token (reported, handed back) are left out; leases that
+    /// expired or were superseded in Redis are not extended, and the late result of such
+    /// a task is refused as any stale outcome. A task of a run this scheduler has no
+    /// record of (handed out before it restarted, or by another scheduler) goes to
+    /// `extend.lua` as it is: the fencing token decides.
+    pub(crate) fn on_heartbeat(self: &Arc<Self>, heartbeat: v1::Heartbeat) {
         let mut by_partition: HashMap<u16, Vec<(String, u64)>> = HashMap::new();
         {
             let map = lock(&self.in_flight);
             let draining = self.draining.load(Ordering::SeqCst);
             for task in heartbeat.tasks {
                 let partition = match map.get(&task.run_id) {
-                    Some(f) if f.fence == task.fencing_token && f.connection == connection => {
-                        Some(f.partition)
-                    }
+                    Some(f) if f.fence == task.fencing_token => Some(f.partition),
                     None if !draining => partition_of_run(&task.run_id, self.store.partitions()),
                     _ => None,
                 };

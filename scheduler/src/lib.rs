@@ -5,6 +5,8 @@
 //! - [`run`]: run states, timeline entries, step transitions, backoff.
 //! - `engine`: the timer loop (claim due steps, settle or dispatch) and outcomes.
 //! - `workers`: connected workers and credit-based flow control.
+//! - `ownership`: scheduler membership and partition leases: which scheduler runs
+//!   which partition's timers.
 //! - `api`: thin tonic services.
 //! - [`auth`]: bearer tokens with roles, one tower layer in front of every service;
 //!   `tls`: the server's certificate and, for mutual TLS, the client CA.
@@ -20,6 +22,7 @@ mod engine;
 pub mod enrollment;
 pub mod localtime;
 mod observe;
+pub mod ownership;
 pub mod playbook;
 mod playbook_cache;
 pub mod policy;
@@ -55,6 +58,7 @@ use crate::{
     auth::{AuthLayer, Policy, Tokens},
     engine::{Engine, EngineConfig},
     enrollment::Enroller,
+    ownership::Ownership,
     playbook_cache::PlaybookCache,
     store::Store,
 };
@@ -102,6 +106,16 @@ pub struct SchedulerArgs {
     /// Name of this scheduler (default: a random one).
     #[arg(long, env = "TOUCHPOINT_SCHEDULER_ID")]
     pub scheduler_id: Option<String>,
+    /// How long a scheduler's membership and partition leases last unless renewed
+    /// (every third of it; at least 300ms): the partitions of a scheduler that dies move
+    /// to the others within about this long.
+    #[arg(long, env = "TOUCHPOINT_PARTITION_LEASE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub partition_lease: Duration,
+    /// The gRPC address (`host:port`, a host or IP taking the listen port, or a URL) at
+    /// which workers reach this scheduler, told to every attached worker (default: the
+    /// listen address; the host name and port when listening on all interfaces).
+    #[arg(long, env = "TOUCHPOINT_ADVERTISE")]
+    pub advertise: Option<String>,
     /// Bearer tokens with roles (TOML, see docs/security.md). Without one, only
     /// loopback clients are accepted.
     #[arg(long, env = "TOUCHPOINT_AUTH_FILE")]
@@ -155,9 +169,19 @@ pub async fn run(
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         )
     });
+    let addr = listener.local_addr()?;
+    let ownership = Arc::new(Ownership::new(
+        scheduler_id.clone(),
+        advertised(args.advertise.as_deref(), addr),
+        args.partitions,
+        args.partition_lease.max(Duration::from_millis(300)),
+    ));
+    ownership.join(&store).await;
+    let renewing = tokio::spawn(Arc::clone(&ownership).run(store.clone(), stop.clone()));
     let engine = Engine::start(
         store.clone(),
         Arc::clone(&playbooks),
+        Arc::clone(&ownership),
         EngineConfig {
             scheduler_id: scheduler_id.clone(),
             lease: args.lease,
@@ -203,7 +227,6 @@ pub async fn run(
     let reflection_v1alpha =
         reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
 
-    let addr = listener.local_addr()?;
     info!(%addr, scheduler = %scheduler_id, partitions = args.partitions, transport = server_tls.describe(), "touchpoint-scheduler listening");
     match &policy {
         Policy::Tokens(tokens) => info!(tokens = tokens.len(), "bearer tokens with roles required"),
@@ -268,7 +291,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            WorkerServiceServer::new(WorkerApi::new(Arc::clone(&engine)))
+            WorkerServiceServer::new(WorkerApi::new(Arc::clone(&engine), ownership.members()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
@@ -282,6 +305,7 @@ pub async fn run(
     let stopped = async {
         engine.stopped().await;
         let _ = campaigns.await;
+        let _ = renewing.await;
     };
     if tokio::time::timeout(Duration::from_secs(5), stopped)
         .await
@@ -331,6 +355,25 @@ pub async fn shutdown_signal() {
     interrupt.await.unwrap_or(());
 }
 
+/// The address workers reach a scheduler listening on `listen` at: `advertise` (a host
+/// or IP without a port takes the listen port), else the listen address, or the host
+/// name and port when listening on all interfaces.
+fn advertised(advertise: Option<&str>, listen: SocketAddr) -> String {
+    let port = listen.port();
+    match advertise.map(str::trim).filter(|a| !a.is_empty()) {
+        Some(url) if url.contains("://") => url.to_owned(),
+        Some(address) => match address.parse::<std::net::IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port).to_string(),
+            Err(_) if address.contains(':') => address.to_owned(),
+            Err(_) => format!("{address}:{port}"),
+        },
+        None if listen.ip().is_unspecified() => {
+            format!("{}:{port}", gethostname::gethostname().to_string_lossy())
+        }
+        None => listen.to_string(),
+    }
+}
+
 /// A Redis URL without its password, for messages.
 fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -338,5 +381,30 @@ fn redact_url(url: &str) -> String {
             format!("{}://[redacted]@{}", &url[..scheme], &url[at + 1..])
         }
         _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_advertised_address_takes_the_listen_port_when_it_has_none() {
+        let listen: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        assert_eq!(advertised(None, listen), "127.0.0.1:50051");
+        assert_eq!(advertised(Some("10.1.2.3"), listen), "10.1.2.3:50051");
+        assert_eq!(advertised(Some("fd00::7"), listen), "[fd00::7]:50051");
+        assert_eq!(advertised(Some("scheduler-1"), listen), "scheduler-1:50051");
+        assert_eq!(
+            advertised(Some("scheduler-1:6000"), listen),
+            "scheduler-1:6000"
+        );
+        assert_eq!(
+            advertised(Some("https://s1.example:443"), listen),
+            "https://s1.example:443"
+        );
+        let any: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        assert!(advertised(None, any).ends_with(":50051"));
+        assert!(!advertised(None, any).starts_with("0.0.0.0"));
     }
 }

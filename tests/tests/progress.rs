@@ -88,13 +88,19 @@ impl RawWorker {
     }
 }
 
+/// The scheduler's next message other than `Peers` (the live schedulers).
 async fn next_message(inbound: &mut Streaming<SchedulerMessage>) -> scheduler_message::Kind {
-    tokio::time::timeout(TIMEOUT, inbound.message())
-        .await
-        .expect("a message from the scheduler in time")
-        .expect("the stream is healthy")
-        .and_then(|m| m.kind)
-        .expect("a message, not the end of the stream")
+    loop {
+        let kind = tokio::time::timeout(TIMEOUT, inbound.message())
+            .await
+            .expect("a message from the scheduler in time")
+            .expect("the stream is healthy")
+            .and_then(|m| m.kind)
+            .expect("a message, not the end of the stream");
+        if !matches!(kind, scheduler_message::Kind::Peers(_)) {
+            return kind;
+        }
+    }
 }
 
 /// The run's hash in Redis (default key prefix `tp`; run ids end in their partition).

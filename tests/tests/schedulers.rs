@@ -1,8 +1,10 @@
 //! Several schedulers against one Redis (or one Redis Cluster with
-//! `TOUCHPOINT_TEST_REDIS=cluster`): they split the work without handing a step out
-//! twice (every scheduler claims from every partition; `claim.lua` hands each due step to
-//! one of them), and when one is killed with SIGKILL the others carry on and hand its
-//! leased steps out again, with the same webhook-id, once the leases expire.
+//! `TOUCHPOINT_TEST_REDIS=cluster`): they split the partitions between them through
+//! leases in Redis (each claims only from the partitions it owns; `claim.lua` and the
+//! fencing tokens keep a step from going out twice even when two claim at once), and
+//! workers attach to every scheduler they learn of. When one scheduler is killed with
+//! SIGKILL the others take over its partitions within about a partition lease, and the
+//! results of the steps it handed out reach them on the workers' other streams.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -10,10 +12,11 @@ use std::{
 };
 
 use touchpoint_proto::v1::{ApplyPlaybookRequest, ApplyStatus, EnrollRequest, RunStatus};
+use touchpoint_scheduler::store::Store;
 use touchpoint_tests::{
     ChannelConfig, ReceivedRequest, Reply, SECRET_ENV, SchedulerNode, TestRedis, TouchpointClient,
-    WebhookReceiver, WorkerConfig, WorkerNode, contact, eventually, generate_secret, request_id,
-    run_summary, verify_signature,
+    WebhookReceiver, WorkerConfig, WorkerNode, contact, eventually, eventually_some,
+    generate_secret, request_id, run_summary, stays, verify_signature,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
@@ -39,9 +42,9 @@ steps:
 "#;
 const ACTIONS: [&str; 3] = ["first", "second", "third"];
 
-/// Redis, one receiver, schedulers `a` and `b` on that Redis, and two workers attached to
-/// each. A worker's webhook goes to `<receiver>/hook/<its scheduler>`, so every request
-/// tells which scheduler's workers delivered it.
+/// Redis, one receiver, schedulers `a` and `b` on that Redis (2 s partition leases), and
+/// two workers configured with each one's address, which attach to the other too. A
+/// worker's webhook goes to `<receiver>/hook/<its configured scheduler>`.
 ///
 /// Fields drop in order: workers, schedulers, receiver, then Redis.
 struct Cluster {
@@ -49,6 +52,7 @@ struct Cluster {
     schedulers: Vec<SchedulerNode>,
     clients: Vec<TouchpointClient>,
     receiver: WebhookReceiver,
+    store: Store,
     _redis: TestRedis,
     secret: String,
 }
@@ -64,7 +68,7 @@ impl Cluster {
         let mut clients = Vec::new();
         let mut workers = Vec::new();
         for side in SIDES {
-            let mut flags = vec!["--scheduler-id", side];
+            let mut flags = vec!["--scheduler-id", side, "--partition-lease", "2s"];
             flags.extend_from_slice(scheduler_flags);
             let mut scheduler = SchedulerNode::start(NODE, &redis.url(), &flags);
             clients.push(scheduler.client().await);
@@ -100,6 +104,23 @@ impl Cluster {
             );
             schedulers.push(scheduler);
         }
+        let store = Store::connect(&redis.url(), "tp", 256, 3600)
+            .await
+            .expect("connect to Redis");
+        wait_for_owners(&store, &SIDES, Duration::from_secs(20)).await;
+        // Every worker attached to both schedulers.
+        for scheduler in &mut schedulers {
+            let attached = eventually(Duration::from_secs(20), || {
+                let log = scheduler.process().log();
+                async move { log.matches("worker connected").count() >= 4 }
+            })
+            .await;
+            assert!(
+                attached,
+                "every worker should attach to both schedulers:\n{}",
+                scheduler.process().log_tail(30)
+            );
+        }
         let applied = clients[0]
             .playbooks
             .apply_playbook(ApplyPlaybookRequest {
@@ -115,6 +136,7 @@ impl Cluster {
             schedulers,
             clients,
             receiver,
+            store,
             _redis: redis,
             secret,
         }
@@ -197,7 +219,8 @@ fn assert_every_step_delivered<'r>(
 }
 
 /// Two schedulers, two workers each, 40 runs enrolled through both: every run completes,
-/// every (run, step) reaches the receiver exactly once, and both schedulers did work.
+/// every (run, step) reaches the receiver exactly once, and both schedulers own a share
+/// of the partitions throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_schedulers_split_the_work_and_deliver_every_step_once() {
     let mut cluster = Cluster::start(&[]).await;
@@ -222,12 +245,8 @@ async fn two_schedulers_split_the_work_and_deliver_every_step_once() {
         requests.len(),
         requests.len() - by_a
     );
-    let sides: BTreeSet<&str> = requests.iter().map(side).collect();
-    assert_eq!(
-        sides,
-        BTreeSet::from(["a", "b"]),
-        "both schedulers' workers should have delivered:\n{summary}"
-    );
+    let split = wait_for_owners(&cluster.store, &SIDES, Duration::from_secs(5)).await;
+    eprintln!("partitions owned: {split:?}");
     // Both schedulers served the API too: a run reads the same through either.
     let through_b = cluster.clients[1].run(&runs[0]).await;
     let through_a = cluster.clients[0].run(&runs[0]).await;
@@ -242,14 +261,14 @@ async fn two_schedulers_split_the_work_and_deliver_every_step_once() {
     }
 }
 
-/// Two schedulers with 2 s leases; the receiver holds every first delivery for 4 s. While
-/// they are all in flight, scheduler a is killed with SIGKILL. Its workers' deliveries are
-/// answered but their results go nowhere; scheduler b hands those steps out again once
-/// their leases expire (attempt 2, same webhook-id) to its own workers, and carries every
-/// run to completion. b's own held deliveries keep their leases by heartbeats and are
-/// delivered once. Duplicates are exactly a's in-flight steps, each with one webhook-id.
+/// Two schedulers with 2 s leases, every worker attached to both; the receiver holds
+/// every first delivery for 4 s. While they are all in flight, scheduler a is killed with
+/// SIGKILL. b takes over a's partitions within about a partition lease; the deliveries a
+/// handed out go on, and their heartbeats and results reach b on the workers' other
+/// streams, where they count by their fencing tokens. Nothing is handed out again: every
+/// step reaches the receiver exactly once, at attempt 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_one_scheduler_hands_its_leased_steps_to_the_other() {
+async fn killing_one_scheduler_loses_no_step_and_sends_none_twice() {
     const RUNS: usize = 30;
     let mut cluster = Cluster::start(&["--lease", "2s"]).await;
     cluster
@@ -259,67 +278,265 @@ async fn killing_one_scheduler_hands_its_leased_steps_to_the_other() {
     let in_flight = cluster.receiver.wait_for(RUNS, TIMEOUT).await;
     let summary = cluster.receiver.summary();
     assert!(in_flight.iter().all(|r| r.step() == "first"), "{summary}");
-    let held_by_a: BTreeSet<String> = in_flight
-        .iter()
-        .filter(|r| side(r) == "a")
-        .map(|r| r.run_id().to_owned())
-        .collect();
-    assert!(
-        !held_by_a.is_empty() && held_by_a.len() < RUNS,
-        "each scheduler should hold some first steps:\n{summary}"
-    );
 
-    eprintln!(
-        "scheduler a held {} of {RUNS} first steps when it was killed",
-        held_by_a.len()
-    );
     cluster.schedulers[0].kill9();
     assert!(!cluster.schedulers[0].is_running());
+    let split = wait_for_owners(&cluster.store, &["b"], Duration::from_secs(15)).await;
+    eprintln!("after the kill: {split:?}");
 
     Cluster::wait_for_all(&mut cluster.clients[1], &runs).await;
     let requests = cluster.receiver.requests();
     let summary = cluster.receiver.summary();
     let delivered = assert_every_step_delivered(&runs, &requests, &cluster.secret, &summary);
     for ((run_id, step), got) in &delivered {
-        if step == "first" && held_by_a.contains(run_id) {
-            // a's worker got it out (its result was lost with a), then b's worker again.
-            let attempts: Vec<(&str, u64)> = got.iter().map(|r| (side(r), r.attempt())).collect();
-            assert_eq!(
-                attempts,
-                [("a", 1), ("b", 2)],
-                "{step} of {run_id}:\n{summary}"
-            );
-        } else {
-            assert_eq!(got.len(), 1, "{step} of {run_id}:\n{summary}");
-            assert_eq!(
-                side(got[0]),
-                "b",
-                "after the kill only b delivers:\n{summary}"
-            );
-            assert_eq!(got[0].attempt(), 1, "{summary}");
-        }
+        assert_eq!(got.len(), 1, "{step} of {run_id}:\n{summary}");
+        assert_eq!(got[0].attempt(), 1, "{step} of {run_id}:\n{summary}");
     }
     for run_id in &runs {
         let run = cluster.clients[1].run(run_id).await;
         let timeline = run_summary(&run);
-        let first = &run.steps[0];
-        assert!(first.worker.starts_with("b-"), "{timeline}");
-        let expected = if held_by_a.contains(run_id) { 2 } else { 1 };
-        assert_eq!(first.attempts, expected, "{timeline}");
+        assert_eq!(run.steps[0].attempts, 1, "{timeline}");
     }
-    // b noticed the expired leases: they were a's, not its own.
-    let log = cluster.schedulers[1].process().log();
-    assert!(
-        log.contains("leases expired; steps go out again"),
-        "{}",
-        cluster.schedulers[1].process().log_tail(30)
+    assert!(cluster.workers.iter_mut().all(WorkerNode::is_running));
+}
+
+/// Partitions of the ownership test: few, so every scheduler's share is quick to check.
+const PARTITIONS: u16 = 32;
+
+/// The owner of every partition, as Redis has it.
+async fn owners(store: &Store) -> Vec<Option<String>> {
+    store
+        .partition_owners()
+        .await
+        .expect("read partition owners")
+}
+
+/// Waits until every partition is owned, by exactly the schedulers `ids`, each owning
+/// some; returns how many each owns.
+async fn wait_for_owners(store: &Store, ids: &[&str], within: Duration) -> BTreeMap<String, usize> {
+    let expected: BTreeSet<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+    let split = eventually_some(within, || async {
+        let owners = owners(store).await;
+        let mut split: BTreeMap<String, usize> = BTreeMap::new();
+        for owner in &owners {
+            *split.entry(owner.clone()?).or_default() += 1;
+        }
+        (split.keys().cloned().collect::<BTreeSet<_>>() == expected).then_some(split)
+    })
+    .await;
+    match split {
+        Some(split) => split,
+        None => panic!(
+            "partitions not owned by exactly {ids:?} within {within:?}: {:?}",
+            owners(store).await
+        ),
+    }
+}
+
+/// Three schedulers on one Redis with 2 s partition leases and one worker configured
+/// with the first scheduler's address only. The schedulers split the partitions (each
+/// owns some); the worker learns of the other two from the first and attaches to all
+/// three. Runs enrolled through all three complete with every step delivered exactly
+/// once, although one scheduler is killed with SIGKILL while deliveries are in flight:
+/// its partitions move to the other two within about a lease, and the results of the
+/// steps it had handed out reach them on the worker's other streams. A fourth scheduler
+/// then takes a share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedulers_split_the_partitions_and_take_over_a_killed_ones() {
+    const RUNS: usize = 30;
+    let lease = Duration::from_secs(2);
+    let redis = TestRedis::from_env();
+    let receiver = WebhookReceiver::start().await;
+    let secret = generate_secret();
+    let flags = |id: &'static str| {
+        [
+            "--scheduler-id",
+            id,
+            "--partitions",
+            "32",
+            "--partition-lease",
+            "2s",
+            "--lease",
+            "2s",
+        ]
+    };
+    let mut schedulers: Vec<SchedulerNode> = ["s1", "s2", "s3"]
+        .into_iter()
+        .map(|id| SchedulerNode::start(NODE, &redis.url(), &flags(id)))
+        .collect();
+    let mut clients = Vec::new();
+    for scheduler in &mut schedulers {
+        clients.push(scheduler.client().await);
+    }
+    let store = Store::connect(&redis.url(), "tp", PARTITIONS, 3600)
+        .await
+        .expect("connect to Redis");
+    let split = wait_for_owners(&store, &["s1", "s2", "s3"], Duration::from_secs(20)).await;
+    eprintln!("partitions owned: {split:?}");
+
+    let config = WorkerConfig {
+        concurrency: 8,
+        ..WorkerConfig::new()
+    }
+    .channel(ChannelConfig::webhook(
+        "wecom",
+        &format!("{}/w", receiver.url()),
+        SECRET_ENV,
+    ));
+    let mut worker = WorkerNode::start(
+        NODE,
+        &schedulers[0].endpoint(),
+        "w-1",
+        &config,
+        &[(SECRET_ENV, &secret)],
     );
-    // a's workers are still trying to reach a; nothing else went to them.
+    for scheduler in &mut schedulers {
+        let attached = eventually(Duration::from_secs(20), || {
+            let log = scheduler.process().log();
+            async move { log.contains("worker connected") }
+        })
+        .await;
+        assert!(
+            attached,
+            "the worker did not attach to every scheduler:\n{}",
+            worker.process().log_tail(30)
+        );
+    }
+    let applied = clients[0]
+        .playbooks
+        .apply_playbook(ApplyPlaybookRequest {
+            yaml: PLAYBOOK.to_owned(),
+            dry_run: false,
+        })
+        .await
+        .expect("ApplyPlaybook")
+        .into_inner();
+    assert_eq!(applied.status(), ApplyStatus::Created);
+
+    // Deliveries take a while, so some are in flight when s2 is killed.
+    receiver.script((0..RUNS).map(|_| Reply::status(200).held_for(Duration::from_millis(500))));
+    let mut runs = Vec::with_capacity(RUNS);
+    for i in 0..RUNS {
+        let run = clients[i % 3]
+            .enrollments
+            .enroll(EnrollRequest {
+                playbook: "three-touches".to_owned(),
+                contact: Some(contact(&format!("c-{i}"), &[], &[])),
+                request_id: request_id(),
+            })
+            .await
+            .expect("Enroll")
+            .into_inner();
+        runs.push(run.run_id);
+    }
+    receiver.wait_for(RUNS / 3, TIMEOUT).await;
+    schedulers[1].kill9();
+    let killed = std::time::Instant::now();
+    let split = wait_for_owners(&store, &["s1", "s3"], Duration::from_secs(15)).await;
+    let took = killed.elapsed();
+    eprintln!("s2 killed: its partitions moved within {took:?}: {split:?}");
     assert!(
-        cluster
-            .workers
-            .iter_mut()
-            .take(2)
-            .all(WorkerNode::is_running)
+        took <= lease * 3,
+        "the partitions of a killed scheduler should move within about a lease (2 s), took {took:?}"
+    );
+
+    for run_id in &runs {
+        let run = clients[0]
+            .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)
+            .await;
+        assert_eq!(run.steps.len(), 5, "{}", run_summary(&run));
+    }
+    let requests = receiver.requests();
+    let summary = receiver.summary();
+    let delivered = assert_every_step_delivered(&runs, &requests, &secret, &summary);
+    for ((run_id, step), got) in &delivered {
+        assert_eq!(
+            got.len(),
+            1,
+            "{step} of {run_id} was delivered {} times:\n{summary}",
+            got.len()
+        );
+    }
+
+    let mut fourth = SchedulerNode::start(NODE, &redis.url(), &flags("s4"));
+    let split = wait_for_owners(&store, &["s1", "s3", "s4"], Duration::from_secs(15)).await;
+    eprintln!("s4 started: {split:?}");
+    let attached = eventually(Duration::from_secs(20), || {
+        let log = fourth.process().log();
+        async move { log.contains("worker connected") }
+    })
+    .await;
+    assert!(
+        attached,
+        "the worker should attach to a new scheduler:\n{}",
+        worker.process().log_tail(30)
+    );
+    drop(fourth);
+}
+
+/// A scheduler that stops gracefully (SIGTERM) gives up its partitions and its
+/// membership at once: the other takes them at its next renewal (every third of the 6 s
+/// partition lease), long before the leases would have expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_stopping_gracefully_hands_its_partitions_over_at_once() {
+    let redis = TestRedis::from_env();
+    let flags = |id: &'static str| ["--scheduler-id", id, "--partition-lease", "6s"];
+    let mut leaving = SchedulerNode::start(NODE, &redis.url(), &flags("s1"));
+    let mut staying = SchedulerNode::start(NODE, &redis.url(), &flags("s2"));
+    leaving.client().await;
+    staying.client().await;
+    let store = Store::connect(&redis.url(), "tp", 256, 3600)
+        .await
+        .expect("connect to Redis");
+    wait_for_owners(&store, &["s1", "s2"], Duration::from_secs(20)).await;
+
+    leaving.process().signal("TERM");
+    let stopped = std::time::Instant::now();
+    wait_for_owners(&store, &["s2"], Duration::from_secs(15)).await;
+    let took = stopped.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "a graceful stop should hand the partitions over within a renewal (2 s), took {took:?}"
+    );
+    let members = store.live_schedulers(0).await.expect("read members");
+    assert_eq!(
+        members.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        ["s2"],
+        "the stopped scheduler left the members"
+    );
+}
+
+/// A worker configured with another name for its scheduler (`localhost` where the
+/// scheduler advertises `127.0.0.1`) holds one stream to it, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_holds_one_stream_to_a_scheduler_it_knows_by_two_addresses() {
+    let redis = TestRedis::from_env();
+    let mut scheduler = SchedulerNode::start(NODE, &redis.url(), &[]);
+    scheduler.client().await;
+    let config = WorkerConfig::new().channel(ChannelConfig::log("log"));
+    let mut worker = WorkerNode::start(
+        NODE,
+        &format!("http://localhost:{}", scheduler.port()),
+        "w-1",
+        &config,
+        &[],
+    );
+    let attached = eventually(Duration::from_secs(20), || {
+        let log = scheduler.process().log();
+        async move { log.contains("worker connected") }
+    })
+    .await;
+    assert!(attached, "{}", worker.process().log_tail(20));
+    // Peers (sent after Welcome) names the scheduler by its advertised 127.0.0.1 address.
+    let once = stays(Duration::from_secs(2), || {
+        let log = scheduler.process().log();
+        async move { log.matches("worker connected").count() == 1 }
+    })
+    .await;
+    assert!(
+        once,
+        "the worker attached twice:\n{}\n{}",
+        scheduler.process().log_tail(20),
+        worker.process().log_tail(20)
     );
 }

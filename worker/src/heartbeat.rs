@@ -4,8 +4,9 @@
 //! Each task is held from the moment it arrives (waiting for a free slot counts) until its
 //! result is sent. A task's heartbeat interval comes from its `deadline_ms`: a third of
 //! the lease that remained when it arrived, at most 1 s and at least 100 ms. Whenever the
-//! interval of some held task has passed, one `Heartbeat` goes out listing every task the
-//! stream holds, and every task's interval starts over. A delivery shorter than its
+//! interval of some held task has passed, one `Heartbeat` per stream the held tasks came
+//! on goes out (on that stream if open, else on another), listing them, and every task's
+//! interval starts over. A delivery shorter than its
 //! interval (most of them) never causes a heartbeat.
 
 use std::{
@@ -14,8 +15,10 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 use touchpoint_proto::v1::{Heartbeat, Task, TaskRef, WorkerMessage, worker_message};
+
+use crate::outbox::StreamId;
 
 /// The longest time between two heartbeats for a held task.
 pub(crate) const MAX_INTERVAL: Duration = Duration::from_secs(1);
@@ -36,6 +39,8 @@ pub(crate) fn interval(deadline_ms: i64, now_ms: i64) -> Option<Duration> {
 struct Entry {
     every: Duration,
     next: Instant,
+    /// The stream the task came on.
+    origin: StreamId,
 }
 
 /// The tasks the worker holds (whichever stream they came on), keyed by (run id, fencing
@@ -67,9 +72,9 @@ impl HeldTasks {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Holds `task` from now until the returned [`Hold`] is dropped. A task without a
-    /// deadline is not heartbeated.
-    pub(crate) fn hold(&self, task: &Task) -> Hold {
+    /// Holds `task`, which came on stream `origin`, from now until the returned [`Hold`]
+    /// is dropped. A task without a deadline is not heartbeated.
+    pub(crate) fn hold(&self, task: &Task, origin: StreamId) -> Hold {
         let Some(every) = interval(task.deadline_ms, wall_clock_ms()) else {
             return Hold {
                 held: self.clone(),
@@ -80,6 +85,7 @@ impl HeldTasks {
         let entry = Entry {
             every,
             next: Instant::now() + every,
+            origin,
         };
         self.lock().insert(key.clone(), entry);
         Hold {
@@ -102,33 +108,23 @@ impl HeldTasks {
         }
     }
 
-    /// The heartbeat to send at `now`, when some held task's interval has passed: it lists
-    /// every held task, and every task's interval starts over.
-    pub(crate) fn beat(&self, now: Instant) -> Option<Heartbeat> {
+    /// The heartbeats to send at `now`, when some held task's interval has passed: one
+    /// per stream the held tasks came on, listing every such task; every task's interval
+    /// starts over.
+    pub(crate) fn beat(&self, now: Instant) -> Vec<(StreamId, Heartbeat)> {
         let mut held = self.lock();
         if !held.values().any(|e| e.next <= now) {
-            return None;
+            return Vec::new();
         }
-        let mut tasks = Vec::with_capacity(held.len());
+        let mut beats: HashMap<StreamId, Heartbeat> = HashMap::new();
         for ((run_id, fencing_token), entry) in held.iter_mut() {
             entry.next = now + entry.every;
-            tasks.push(TaskRef {
+            beats.entry(entry.origin).or_default().tasks.push(TaskRef {
                 run_id: run_id.clone(),
                 fencing_token: *fencing_token,
             });
         }
-        Some(Heartbeat { tasks })
-    }
-
-    /// Sends a heartbeat on `out` whenever one is due; never completes. (Once `out` is
-    /// closed the heartbeats go nowhere, and the leases expire.)
-    pub(crate) async fn keep_beating(&self, out: &mpsc::UnboundedSender<WorkerMessage>) {
-        loop {
-            self.due().await;
-            if let Some(heartbeat) = self.beat(Instant::now()) {
-                let _ = out.send(message(heartbeat));
-            }
-        }
+        beats.into_iter().collect()
     }
 }
 
@@ -173,34 +169,45 @@ mod tests {
     }
 
     #[test]
-    fn one_heartbeat_lists_every_held_task_once_some_interval_passed() {
+    fn one_heartbeat_per_stream_lists_its_held_tasks_once_some_interval_passed() {
         let held = HeldTasks::default();
         let before = Instant::now();
-        let slow = held.hold(&task("run-1", 7, 30_000));
-        let short = held.hold(&task("run-2", 3, 600));
-        let _unleased = held.hold(&Task::default());
+        let slow = held.hold(&task("run-1", 7, 30_000), 1);
+        let short = held.hold(&task("run-2", 3, 600), 1);
+        let other = held.hold(&task("run-3", 4, 30_000), 2);
+        let _unleased = held.hold(&Task::default(), 1);
         let after = Instant::now();
         let due = held.next_due().expect("run-2 is held");
         assert!(
             due >= before + Duration::from_millis(190) && due <= after + Duration::from_millis(200)
         );
-        assert_eq!(held.beat(before), None, "nothing is due yet");
+        assert!(held.beat(before).is_empty(), "nothing is due yet");
 
         let at = after + Duration::from_millis(200);
-        let beat = held.beat(at).expect("run-2's interval passed");
-        let mut listed: Vec<(String, u64)> = beat
-            .tasks
+        let mut listed: Vec<(StreamId, String, u64)> = held
+            .beat(at)
             .into_iter()
-            .map(|t| (t.run_id, t.fencing_token))
+            .flat_map(|(stream, beat)| {
+                beat.tasks
+                    .into_iter()
+                    .map(move |t| (stream, t.run_id, t.fencing_token))
+            })
             .collect();
         listed.sort();
-        assert_eq!(listed, [("run-1".to_owned(), 7), ("run-2".to_owned(), 3)]);
-        assert_eq!(held.beat(at), None, "every interval starts over");
+        assert_eq!(
+            listed,
+            [
+                (1, "run-1".to_owned(), 7),
+                (1, "run-2".to_owned(), 3),
+                (2, "run-3".to_owned(), 4)
+            ]
+        );
+        assert!(held.beat(at).is_empty(), "every interval starts over");
         assert_eq!(held.next_due(), Some(at + Duration::from_millis(200)));
 
         drop(short);
         assert_eq!(held.next_due(), Some(at + MAX_INTERVAL));
-        drop(slow);
+        drop((slow, other));
         assert_eq!(
             held.next_due(),
             None,

@@ -1,21 +1,31 @@
-//! The scheduler link: one long-lived `WorkerService.Attach` stream, re-attached forever.
+//! The scheduler links: one long-lived `WorkerService.Attach` stream per scheduler,
+//! each re-attached forever.
 //!
-//! The worker says Hello (id, channels, capacity), waits for Welcome, then receives
-//! Tasks and answers each with a TaskResult; while it holds Tasks it sends Heartbeats that
-//! keep their leases (see `heartbeat`). Every Task runs in its own tokio task,
-//! bounded by a semaphore of `concurrency` slots, so a slow receiver never holds up
-//! the stream. Deliveries outlive the stream they came on: when it breaks, their results
-//! are kept (see `outbox`) and sent first on the next stream, which also heartbeats the
-//! tasks still held. Prost types stop here: adapters see [`Delivery`].
+//! The worker attaches to the scheduler it is configured with, which tells it the live
+//! schedulers (`Peers`, after Welcome and whenever they change); it attaches to each of
+//! them too, one attach loop per advertised address, and drops a loop whose scheduler
+//! has been absent from `Peers` and unreachable for [`ABSENT_FOR`]. A scheduler reached
+//! through two addresses (the configured one and its advertised one) gets one stream.
+//!
+//! On each stream the worker says Hello (id, channels, capacity), waits for Welcome, then
+//! receives Tasks; each runs in its own tokio task, bounded by the per-channel slots that
+//! every stream shares, so a slow receiver never holds up a stream and the worker never
+//! delivers more at once than its channels' `concurrency`, however many schedulers hand
+//! it tasks. Results go back on the stream the task came on, or on any open one (see
+//! `outbox`); while it holds Tasks the worker sends Heartbeats that keep their leases
+//! (see `heartbeat`). Deliveries outlive the stream they came on. Prost types stop here:
+//! adapters see [`Delivery`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use rand::Rng as _;
 use tokio::sync::{Semaphore, mpsc};
-use tokio::task::{JoinError, JoinSet};
+use tokio::task::{AbortHandle, JoinError, JoinSet};
+use tokio::time::Instant;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -23,19 +33,19 @@ use tonic::Streaming;
 use tonic::transport::Endpoint;
 use touchpoint_proto::MAX_WORKER_CAPACITY;
 use touchpoint_proto::metrics::{ChannelLabels, DeliveryLabels, metrics};
-use touchpoint_proto::security::{self, BearerToken};
+use touchpoint_proto::security::{self, BearerToken, ClientTls};
 use touchpoint_proto::telemetry::continue_trace;
 use touchpoint_proto::v1::worker_service_client::WorkerServiceClient;
 use touchpoint_proto::v1::{
-    self as pb, Hello, Outcome, RetryDefaults, SchedulerMessage, Task, TaskProgress, TaskResult,
-    WorkerMessage, scheduler_message, worker_message,
+    self as pb, Hello, Outcome, Peer, RetryDefaults, SchedulerMessage, Task, TaskProgress,
+    TaskResult, WorkerMessage, scheduler_message, worker_message,
 };
 use tracing::{Instrument as _, debug, error, field::Empty, info, info_span, warn};
 
 use crate::channel::{self, Contact, Delivered, Delivery, Progress, Registry};
 use crate::config::{ChannelRetry, WorkerConfig};
 use crate::heartbeat::{self, HeldTasks, Hold};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, StreamId};
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -43,41 +53,77 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for in-flight deliveries to report.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A scheduler absent from `Peers` this long, and not attached to, is let go.
+const ABSENT_FOR: Duration = Duration::from_secs(30);
+/// The stream of the configured scheduler.
+const SEED: StreamId = 0;
 
-/// A worker's side of the stream: what it announces and what it delivers with.
+/// A worker's side of the streams: what it announces and what it delivers with.
 #[derive(Debug)]
 pub(crate) struct Link {
-    endpoint: Endpoint,
+    /// The configured scheduler's address: attached to for as long as the worker runs.
+    seed: String,
+    /// How to reach every scheduler (TLS settings of the configured one).
+    tls: ClientTls,
     /// Sent on every attach; its `Debug` is redacted.
     token: Option<BearerToken>,
     hello: Hello,
     registry: Registry,
     /// One permit per delivery in flight, per channel (a hanging provider holds only
-    /// its own channel's); shared by every stream so that re-attaching while old
-    /// deliveries still run never exceeds a channel's `concurrency`.
+    /// its own channel's); shared by every stream so that several schedulers, or
+    /// re-attaching while old deliveries still run, never exceed a channel's
+    /// `concurrency`.
     slots: HashMap<String, Arc<Semaphore>>,
-    /// The tasks received and not reported yet, whichever stream they came on: each
-    /// stream heartbeats all of them, so a re-attach keeps their leases.
+    /// The tasks received and not reported yet, whichever stream they came on: their
+    /// heartbeats keep their leases across re-attaches.
     held: HeldTasks,
     /// Results go out through it; it keeps them while no stream is open.
     outbox: Outbox,
+    /// The scheduler each open stream is attached to: scheduler id → (stream, the
+    /// token that stops its attach loop).
+    attached: Mutex<HashMap<String, (StreamId, CancellationToken)>>,
+    /// The id of the next attach loop's stream (never reused).
+    next_stream: AtomicU64,
 }
 
 /// An open stream: messages go out through `results`, tasks come in on `tasks`.
 struct Attached {
+    scheduler_id: String,
     results: mpsc::UnboundedSender<WorkerMessage>,
     tasks: Streaming<SchedulerMessage>,
 }
 
+/// What the streams hand to the worker's main loop.
+enum Received {
+    /// A task, and the stream it came on.
+    Task(Box<Task>, StreamId),
+    /// The live schedulers, as one of them sees them.
+    Peers(Vec<Peer>),
+}
+
+/// An attach loop to a scheduler learned from `Peers`.
+struct PeerLoop {
+    stream: StreamId,
+    stop: CancellationToken,
+    task: AbortHandle,
+    /// When `Peers` last listed it.
+    listed_at: Instant,
+}
+
+/// What every attach loop shares.
+#[derive(Clone)]
+struct Loops {
+    received: mpsc::UnboundedSender<Received>,
+    /// No more tasks are taken (the worker is stopping).
+    shutdown: CancellationToken,
+    /// Streams close (in-flight deliveries have reported or were given up).
+    closing: CancellationToken,
+}
+
 impl Link {
     pub(crate) fn new(config: &WorkerConfig, registry: Registry) -> anyhow::Result<Self> {
-        // Plaintext or TLS (with the client certificate for mutual TLS) by the URL's scheme.
-        let endpoint = security::client_endpoint(&config.server, &config.tls)?
-            .connect_timeout(CONNECT_TIMEOUT)
-            // Notices a scheduler that vanished without closing the connection.
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
+        // Fails early on an address or TLS setting that cannot work.
+        endpoint(&config.server, &config.tls)?;
         let hello = Hello {
             worker_id: config.resolved_worker_id(),
             channels: registry.names(),
@@ -112,7 +158,8 @@ impl Link {
                 .collect::<HashMap<_, _>>(),
         };
         Ok(Self {
-            endpoint,
+            seed: config.server.clone(),
+            tls: config.tls.clone(),
             token: config.token.clone(),
             hello,
             registry,
@@ -126,11 +173,14 @@ impl Link {
                 .collect(),
             held: HeldTasks::default(),
             outbox: Outbox::default(),
+            attached: Mutex::new(HashMap::new()),
+            next_stream: AtomicU64::new(SEED + 1),
         })
     }
 
-    /// Attaches and serves tasks, re-attaching with backoff whenever the stream ends,
-    /// until `shutdown`; then waits (bounded) for in-flight deliveries to report.
+    /// Attaches to the configured scheduler and to every scheduler it tells of, and
+    /// serves their tasks until `shutdown`; then waits (bounded) for in-flight
+    /// deliveries to report, with the streams still open.
     pub(crate) async fn run(self, shutdown: CancellationToken) {
         info!(
             worker_id = %self.hello.worker_id,
@@ -138,54 +188,225 @@ impl Link {
             capacity = self.hello.capacity,
             "worker starting"
         );
-        // Deliveries live here, not in the stream, so they survive a re-attach; dropping
-        // the set (when `run` is dropped) aborts whatever still runs.
+        let link = Arc::new(self);
+        let (received, mut incoming) = mpsc::unbounded_channel();
+        let loops = Loops {
+            received,
+            shutdown: shutdown.clone(),
+            closing: CancellationToken::new(),
+        };
+        // Deliveries and attach loops live here, not in a stream, so deliveries survive
+        // a re-attach; dropping the sets (when `run` is dropped) aborts whatever runs.
         let mut deliveries = JoinSet::new();
+        let mut attach_loops = JoinSet::new();
+        attach_loops.spawn(Arc::clone(&link).attach_loop(
+            SEED,
+            link.seed.clone(),
+            loops.clone(),
+            CancellationToken::new(),
+        ));
+        let mut peers: HashMap<String, PeerLoop> = HashMap::new();
+        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                // Tasks received from now on stay unread; the schedulers hand them out
+                // again when their leases expire.
+                () = shutdown.cancelled() => break,
+                Some(received) = incoming.recv() => match received {
+                    Received::Task(task, stream) => {
+                        let hold = link.held.hold(&task, stream);
+                        link.start(*task, stream, hold, &mut deliveries);
+                    }
+                    Received::Peers(listed) => {
+                        for peer in listed {
+                            link.on_peer(&peer, &mut peers, &mut attach_loops, &loops);
+                        }
+                    }
+                },
+                Some(finished) = deliveries.join_next(), if !deliveries.is_empty() => {
+                    report_panic(finished);
+                }
+                Some(_) = attach_loops.join_next(), if !attach_loops.is_empty() => {}
+                () = link.held.due() => send_heartbeats(&link.held, &link.outbox),
+                _ = sweep.tick() => link.let_go_of_absent(&mut peers),
+            }
+        }
+        // The streams stay open meanwhile, so results still reach the schedulers.
+        tokio::select! {
+            () = drain(&mut deliveries) => {}
+            () = keep_beating(&link.held, &link.outbox) => {}
+        }
+        loops.closing.cancel();
+        while attach_loops.join_next().await.is_some() {}
+    }
+
+    /// A scheduler listed in `Peers`: starts an attach loop to its address unless one
+    /// runs, it is the configured address, or a stream is attached to it already.
+    fn on_peer(
+        self: &Arc<Self>,
+        peer: &Peer,
+        peers: &mut HashMap<String, PeerLoop>,
+        attach_loops: &mut JoinSet<()>,
+        loops: &Loops,
+    ) {
+        if peer.address.is_empty() {
+            return;
+        }
+        let address = peer_url(&self.seed, &peer.address);
+        if let Some(known) = peers.get_mut(&address).filter(|p| !p.task.is_finished()) {
+            known.listed_at = Instant::now();
+            return;
+        }
+        if address == self.seed || lock(&self.attached).contains_key(&peer.id) {
+            return;
+        }
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let stop = CancellationToken::new();
+        info!(scheduler_id = %peer.id, %address, "attaching to another scheduler");
+        let task = attach_loops.spawn(Arc::clone(self).attach_loop(
+            stream,
+            address.clone(),
+            loops.clone(),
+            stop.clone(),
+        ));
+        let listed_at = Instant::now();
+        peers.insert(
+            address,
+            PeerLoop {
+                stream,
+                stop,
+                task,
+                listed_at,
+            },
+        );
+    }
+
+    /// Stops the attach loops of schedulers not listed for [`ABSENT_FOR`] and not
+    /// attached to (gone for good, or restarted under another address).
+    fn let_go_of_absent(&self, peers: &mut HashMap<String, PeerLoop>) {
+        let attached: Vec<StreamId> = lock(&self.attached).values().map(|(s, _)| *s).collect();
+        peers.retain(|address, peer| {
+            let absent = peer.listed_at.elapsed() >= ABSENT_FOR;
+            let gone = absent && !attached.contains(&peer.stream);
+            if gone {
+                info!(%address, "no longer attaching to a scheduler that is gone");
+                peer.stop.cancel();
+            }
+            !gone && !peer.task.is_finished()
+        });
+    }
+
+    /// Attaches to `address` as stream `stream` and serves it, re-attaching with backoff
+    /// whenever it ends, until the worker shuts down (then keeps the stream open until
+    /// `closing`) or `stop`.
+    async fn attach_loop(
+        self: Arc<Self>,
+        stream: StreamId,
+        address: String,
+        loops: Loops,
+        stop: CancellationToken,
+    ) {
+        let endpoint = match endpoint(&address, &self.tls) {
+            Ok(endpoint) => endpoint,
+            Err(error) => {
+                warn!(%address, error = %describe_error(&error), "cannot attach to a scheduler at this address");
+                return;
+            }
+        };
         let mut backoff = Backoff::default();
+        let mut told = false;
         loop {
             let attached = tokio::select! {
-                () = shutdown.cancelled() => break,
-                attached = self.attach() => attached,
+                () = loops.shutdown.cancelled() => return,
+                () = stop.cancelled() => return,
+                attached = self.attach(&endpoint) => attached,
             };
             let lost = match attached {
                 Ok(mut attached) => {
+                    if !self.claim(&attached.scheduler_id, stream, &stop) {
+                        // Attached to through another address already: this one goes.
+                        drop(attached);
+                        return;
+                    }
                     backoff.reset();
+                    told = false;
                     // Results kept while the link was down go first.
-                    self.outbox.attach(attached.results.clone());
-                    metrics().worker.scheduler_connected.set(1);
-                    match self.serve(&mut attached, &mut deliveries, &shutdown).await {
-                        Ok(()) => {
-                            // The stream is still open, so results still reach the scheduler.
-                            drain_attached(&mut deliveries, &self.held, &attached).await;
-                            return;
-                        }
-                        Err(lost) => {
-                            self.outbox.detach();
-                            metrics().worker.scheduler_connected.set(0);
-                            lost
-                        }
+                    self.outbox.attach(stream, attached.results.clone());
+                    self.count_streams();
+                    let served = self.serve(stream, &mut attached, &loops, &stop).await;
+                    if served.is_ok() && loops.shutdown.is_cancelled() {
+                        // Results of the deliveries still running go on this stream.
+                        loops.closing.cancelled().await;
+                    }
+                    self.outbox.detach(stream);
+                    lock(&self.attached).retain(|_, (s, _)| *s != stream);
+                    self.count_streams();
+                    match served {
+                        Ok(()) => return,
+                        Err(lost) => lost,
                     }
                 }
                 Err(error) => error,
             };
             let delay = backoff.next_delay();
-            warn!(
-                error = %describe_error(&lost),
-                retry_in_ms = delay.as_millis(),
-                "scheduler link down; re-attaching"
-            );
+            // Once per outage, and each time while the worker has no stream at all.
+            if !told || (stream == SEED && self.outbox.open_streams() == 0) {
+                warn!(
+                    %address,
+                    error = %describe_error(&lost),
+                    retry_in_ms = delay.as_millis(),
+                    "scheduler link down; re-attaching"
+                );
+            }
+            told = true;
             tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = loops.shutdown.cancelled() => return,
+                () = stop.cancelled() => return,
                 () = tokio::time::sleep(delay) => {}
             }
         }
-        drain(&mut deliveries).await;
+    }
+
+    /// Records that `stream` is attached to `scheduler_id`. The configured scheduler's
+    /// stream takes over from a stream of another address that reached the same
+    /// scheduler (that loop stops); any other stream gives way (`false`).
+    fn claim(&self, scheduler_id: &str, stream: StreamId, stop: &CancellationToken) -> bool {
+        let mut attached = lock(&self.attached);
+        match attached.get(scheduler_id) {
+            Some((other, _)) if *other == stream => true,
+            Some((_, other_stop)) if stream == SEED => {
+                other_stop.cancel();
+                attached.insert(scheduler_id.to_owned(), (stream, stop.clone()));
+                true
+            }
+            Some((other, _)) => {
+                let other = *other;
+                drop(attached);
+                debug!(
+                    scheduler_id,
+                    "already attached to this scheduler through another address"
+                );
+                // Our Hello made the scheduler set the other stream aside until it
+                // hears from it again.
+                self.outbox
+                    .send_now(heartbeat::message(pb::Heartbeat::default()), other);
+                false
+            }
+            None => {
+                attached.insert(scheduler_id.to_owned(), (stream, stop.clone()));
+                true
+            }
+        }
+    }
+
+    fn count_streams(&self) {
+        let open = i64::try_from(self.outbox.open_streams()).unwrap_or(i64::MAX);
+        metrics().worker.scheduler_connected.set(open);
     }
 
     /// Connects, sends Hello and waits for Welcome.
-    async fn attach(&self) -> anyhow::Result<Attached> {
-        let channel = self
-            .endpoint
+    async fn attach(&self, endpoint: &Endpoint) -> anyhow::Result<Attached> {
+        let channel = endpoint
             .connect()
             .await
             .context("cannot connect to the scheduler")?;
@@ -216,46 +437,57 @@ impl Link {
         match first.and_then(|message| message.kind) {
             Some(scheduler_message::Kind::Welcome(welcome)) => {
                 info!(scheduler_id = %welcome.scheduler_id, "attached to the scheduler");
-                Ok(Attached { results, tasks })
+                Ok(Attached {
+                    scheduler_id: welcome.scheduler_id,
+                    results,
+                    tasks,
+                })
             }
-            Some(scheduler_message::Kind::Task(_)) => bail!("expected Welcome, got a Task"),
+            Some(_) => bail!("expected Welcome first"),
             None => bail!("the scheduler closed the stream before Welcome"),
         }
     }
 
-    /// Starts a delivery for each task until the stream ends (an error) or shutdown (`Ok`).
+    /// Hands each task and `Peers` to the main loop until the stream ends (an error),
+    /// the worker shuts down or `stop` (`Ok`).
     async fn serve(
         &self,
+        stream: StreamId,
         attached: &mut Attached,
-        deliveries: &mut JoinSet<()>,
-        shutdown: &CancellationToken,
+        loops: &Loops,
+        stop: &CancellationToken,
     ) -> anyhow::Result<()> {
         loop {
-            tokio::select! {
-                // Tasks sent from now on stay unread; the scheduler hands them out
-                // again when their leases expire.
-                () = shutdown.cancelled() => return Ok(()),
-                Some(finished) = deliveries.join_next(), if !deliveries.is_empty() => {
-                    report_panic(finished);
+            let message = tokio::select! {
+                () = loops.shutdown.cancelled() => return Ok(()),
+                () = stop.cancelled() => return Ok(()),
+                message = attached.tasks.message() => message,
+            };
+            let received = match message {
+                Ok(Some(SchedulerMessage {
+                    kind: Some(scheduler_message::Kind::Task(task)),
+                })) => Received::Task(Box::new(task), stream),
+                Ok(Some(SchedulerMessage {
+                    kind: Some(scheduler_message::Kind::Peers(peers)),
+                })) => Received::Peers(peers.peers),
+                Ok(Some(_)) => {
+                    debug!("ignoring an unexpected scheduler message");
+                    continue;
                 }
-                () = self.held.due() => send_heartbeat(&self.held, &self.outbox),
-                message = attached.tasks.message() => match message {
-                    Ok(Some(SchedulerMessage { kind: Some(scheduler_message::Kind::Task(task)) })) => {
-                        let hold = self.held.hold(&task);
-                        self.start(task, hold, deliveries);
-                    }
-                    Ok(Some(_)) => debug!("ignoring a scheduler message that is not a Task"),
-                    Ok(None) => bail!("the scheduler closed the stream"),
-                    Err(status) => bail!("stream failed: {}", describe(&status)),
-                },
+                Ok(None) => bail!("the scheduler closed the stream"),
+                Err(status) => bail!("stream failed: {}", describe(&status)),
+            };
+            if loops.received.send(received).is_err() {
+                return Ok(());
             }
         }
     }
 
-    /// Runs one task in its own tokio task and hands its result to the outbox (sent on the
-    /// open stream, or kept for the next one); the task is heartbeated until then (`hold`
-    /// is dropped once the result is handed over).
-    fn start(&self, mut task: Task, hold: Hold, deliveries: &mut JoinSet<()>) {
+    /// Runs one task, which came on `stream`, in its own tokio task and hands its result
+    /// to the outbox (sent on that stream or another open one, or kept for the next
+    /// one); the task is heartbeated until then (`hold` is dropped once the result is
+    /// handed over).
+    fn start(&self, mut task: Task, stream: StreamId, hold: Hold, deliveries: &mut JoinSet<()>) {
         let span = info_span!(
             "deliver",
             otel.name = %format!("process {}", task.channel),
@@ -295,7 +527,7 @@ impl Link {
                 None => None,
             };
             let (run_id, fencing_token) = (task.run_id.clone(), task.fencing_token);
-            let progress = progress_sink(&outbox, &run_id, fencing_token);
+            let progress = progress_sink(&outbox, stream, &run_id, fencing_token);
             let m = &metrics().worker;
             let channel_labels = ChannelLabels {
                 channel: task.channel.clone(),
@@ -333,9 +565,9 @@ impl Link {
             }
             recorded.record("touchpoint.outcome", counted);
             log_outcome(&outcome);
-            // Whichever stream is open now (not necessarily the one the task came on),
-            // or the next one.
-            outbox.send(task_result(run_id, fencing_token, &outcome));
+            // The stream the task came on if it is still open, else any open one, or
+            // the next one.
+            outbox.send(task_result(run_id, fencing_token, &outcome), stream);
         };
         deliveries.spawn(delivery.instrument(span));
     }
@@ -351,16 +583,18 @@ fn outcome_name(outcome: &Result<Delivered, channel::Error>) -> &'static str {
     }
 }
 
-/// Progress reports of one attempt, sent on whichever stream is open (dropped if none).
-fn progress_sink(outbox: &Outbox, run_id: &str, fencing_token: u64) -> Progress {
+/// Progress reports of one attempt that came on `stream`, sent on it or another open
+/// stream (dropped if none).
+fn progress_sink(outbox: &Outbox, stream: StreamId, run_id: &str, fencing_token: u64) -> Progress {
     let (outbox, run_id) = (outbox.clone(), run_id.to_owned());
     Progress::new(move |detail, state| {
-        outbox.progress(TaskProgress {
+        let progress = TaskProgress {
             run_id: run_id.clone(),
             fencing_token,
             detail: detail.to_owned(),
             state: state.to_owned(),
-        });
+        };
+        outbox.progress(progress, stream);
     })
 }
 
@@ -473,20 +707,21 @@ fn report_panic(finished: Result<(), JoinError>) {
     }
 }
 
-/// Sends the heartbeat that is due (if still due) for the tasks held, on the open stream.
-fn send_heartbeat(held: &HeldTasks, outbox: &Outbox) {
-    if let Some(beat) = held.beat(tokio::time::Instant::now()) {
-        // A closed stream is noticed by the task side; the next one heartbeats again.
-        outbox.send_now(heartbeat::message(beat));
+/// Sends the heartbeats that are due (if still due) for the tasks held, each on the
+/// stream its tasks came on, or another open one.
+fn send_heartbeats(held: &HeldTasks, outbox: &Outbox) {
+    for (stream, beat) in held.beat(Instant::now()) {
+        // A closed stream is noticed by its attach loop; the next one heartbeats again.
+        outbox.send_now(heartbeat::message(beat), stream);
     }
 }
 
-/// [`drain`] while the stream is still open: deliveries that outlast their lease during
-/// shutdown keep it, so their results still count.
-async fn drain_attached(deliveries: &mut JoinSet<()>, held: &HeldTasks, attached: &Attached) {
-    tokio::select! {
-        () = drain(deliveries) => {}
-        () = held.keep_beating(&attached.results) => {}
+/// Sends heartbeats whenever they are due; never completes (deliveries that outlast
+/// their lease during shutdown keep it, so their results still count).
+async fn keep_beating(held: &HeldTasks, outbox: &Outbox) {
+    loop {
+        held.due().await;
+        send_heartbeats(held, outbox);
     }
 }
 
@@ -515,6 +750,32 @@ async fn drain(deliveries: &mut JoinSet<()>) {
         );
         deliveries.abort_all();
     }
+}
+
+/// The attach endpoint of the scheduler at `server` (`http://` or `https://`).
+fn endpoint(server: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
+    // Plaintext or TLS (with the client certificate for mutual TLS) by the URL's scheme.
+    Ok(security::client_endpoint(server, tls)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        // Notices a scheduler that vanished without closing the connection.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true))
+}
+
+/// The URL of a scheduler advertised as `address`: a URL as it is; `host:port` with the
+/// scheme of the configured scheduler's URL `seed`.
+fn peer_url(seed: &str, address: &str) -> String {
+    if address.contains("://") {
+        return address.to_owned();
+    }
+    let scheme = seed.split_once("://").map_or("http", |(scheme, _)| scheme);
+    format!("{scheme}://{address}")
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing here is left half-updated by a panic.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The error and its root cause, without the layers in between (tonic and hyper repeat
@@ -573,6 +834,16 @@ fn retry_defaults(retry: &ChannelRetry) -> RetryDefaults {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_advertised_address_takes_the_configured_scheme() {
+        assert_eq!(
+            peer_url("https://scheduler:50051", "10.0.0.7:50051"),
+            "https://10.0.0.7:50051"
+        );
+        assert_eq!(peer_url("http://a:1", "b:2"), "http://b:2");
+        assert_eq!(peer_url("http://a:1", "https://b:2"), "https://b:2");
+    }
 
     #[test]
     fn backoff_doubles_to_two_seconds_with_jitter() {

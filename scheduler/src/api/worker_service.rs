@@ -3,30 +3,64 @@
 use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt as _};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use touchpoint_proto::MAX_WORKER_CAPACITY;
 use touchpoint_proto::v1::{
-    RateLimit, RetryDefaults, SchedulerMessage, Welcome, WorkerMessage, scheduler_message,
-    worker_message, worker_service_server::WorkerService,
+    Peer, Peers, RateLimit, RetryDefaults, SchedulerMessage, Welcome, WorkerMessage,
+    scheduler_message, worker_message, worker_service_server::WorkerService,
 };
 use tracing::{info, warn};
 
 use super::status::invalid_field;
-use crate::{engine::Engine, playbook::RetryOverrides, store::Rate};
+use crate::{
+    engine::Engine,
+    playbook::RetryOverrides,
+    store::{Member, Rate},
+};
 
 /// Accepts worker streams and feeds their results to the engine.
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerApi {
     engine: Arc<Engine>,
+    /// The live schedulers, told to every worker (`Peers`).
+    members: watch::Receiver<Vec<Member>>,
 }
 
 impl WorkerApi {
-    /// The service feeding `engine`.
-    pub(crate) fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    /// The service feeding `engine`, telling workers the schedulers in `members`.
+    pub(crate) fn new(engine: Arc<Engine>, members: watch::Receiver<Vec<Member>>) -> Self {
+        Self { engine, members }
     }
+}
+
+/// The live schedulers as `Peers` messages: the current ones, then each change (none
+/// while nobody is known yet, e.g. before the first renewal).
+fn peer_messages(
+    members: watch::Receiver<Vec<Member>>,
+) -> impl Stream<Item = Result<SchedulerMessage, Status>> {
+    futures::stream::unfold((members, true), |(mut members, first)| async move {
+        if !first {
+            members.changed().await.ok()?;
+        }
+        let peers = members
+            .borrow_and_update()
+            .iter()
+            .map(|m| Peer {
+                id: m.id.clone(),
+                address: m.address.clone(),
+            })
+            .collect();
+        let message = SchedulerMessage {
+            kind: Some(scheduler_message::Kind::Peers(Peers { peers })),
+        };
+        Some((Ok(message), (members, false)))
+    })
+    .filter(|message| {
+        let empty = matches!(message, Ok(SchedulerMessage { kind: Some(scheduler_message::Kind::Peers(p)) }) if p.peers.is_empty());
+        std::future::ready(!empty)
+    })
 }
 
 type TaskStream = Pin<Box<dyn Stream<Item = Result<SchedulerMessage, Status>> + Send>>;
@@ -65,17 +99,13 @@ impl WorkerService for WorkerApi {
             ));
         }
         let capacity = usize::try_from(hello.capacity).unwrap_or(1);
-        // Room for every task the worker may hold plus the welcome.
-        let (sender, receiver) = mpsc::channel(capacity + 1);
+        // Room for every task the worker may hold.
+        let (sender, receiver) = mpsc::channel(capacity);
         let welcome = SchedulerMessage {
             kind: Some(scheduler_message::Kind::Welcome(Welcome {
                 scheduler_id: self.engine.scheduler_id().to_owned(),
             })),
         };
-        sender
-            .send(Ok(welcome))
-            .await
-            .map_err(|_| Status::cancelled("worker went away"))?;
         info!(worker = %hello.worker_id, channels = ?hello.channels, capacity = hello.capacity, "worker connected");
         let worker_id = hello.worker_id.clone();
         let channel_retry = retry_defaults(&hello.channel_retry)?;
@@ -119,12 +149,12 @@ impl WorkerService for WorkerApi {
                     Ok(Some(WorkerMessage {
                         kind: Some(worker_message::Kind::Heartbeat(heartbeat)),
                     })) => {
-                        engine.on_heartbeat(connection, heartbeat);
+                        engine.on_heartbeat(heartbeat);
                     }
                     Ok(Some(WorkerMessage {
                         kind: Some(worker_message::Kind::Progress(progress)),
                     })) => {
-                        engine.on_progress(connection, progress);
+                        engine.on_progress(progress);
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => {
@@ -142,7 +172,12 @@ impl WorkerService for WorkerApi {
         });
         // The stream ends when the scheduler stops, so the worker re-attaches elsewhere
         // and the server's graceful shutdown is not held up by it.
-        let tasks = ReceiverStream::new(receiver)
+        // Welcome first, then tasks and the live schedulers as they come.
+        let tasks = futures::stream::once(std::future::ready(Ok(welcome)))
+            .chain(futures::stream::select(
+                ReceiverStream::new(receiver),
+                peer_messages(self.members.clone()),
+            ))
             .take_until(self.engine.shutdown_token().clone().cancelled_owned());
         Ok(Response::new(Box::pin(tasks)))
     }

@@ -78,6 +78,18 @@ impl Keys {
         format!("{}:rl-penalties", self.prefix)
     }
 
+    /// Sorted set: scheduler id → when its membership expires (ms, the scheduler's
+    /// clock). Each scheduler renews its own entry; any scheduler prunes expired ones.
+    pub fn schedulers(&self) -> String {
+        format!("{}:schedulers", self.prefix)
+    }
+
+    /// String: the advertised gRPC address of scheduler `id`, expiring with its
+    /// membership (told to workers, see `docs/scaling.md`).
+    pub fn scheduler_address(&self, id: &str) -> String {
+        format!("{}:scheduler:{id}", self.prefix)
+    }
+
     /// Hash tag prefix of every key of `partition`.
     fn partition(&self, partition: u16) -> String {
         format!("{}:{{p{partition}}}", self.prefix)
@@ -86,6 +98,12 @@ impl Keys {
     /// Sorted set: run id → when its current step is due (ms).
     pub fn due(&self, partition: u16) -> String {
         format!("{}:due", self.partition(partition))
+    }
+
+    /// String: the id of the scheduler that owns the partition (runs its timers), set
+    /// with an expiry and renewed by its owner (`partition_acquire.lua`).
+    pub fn partition_owner(&self, partition: u16) -> String {
+        format!("{}:owner", self.partition(partition))
     }
 
     /// Sorted set: run id → lease deadline (ms) of its handed-out step.
@@ -216,6 +234,7 @@ mod tests {
         let all = [
             keys.due(p),
             keys.lease(p),
+            keys.partition_owner(p),
             format!("{}r1", keys.run_prefix(p)),
             format!("{}c1", keys.contact_prefix(p)),
             keys.enroll_request(p, "req"),

@@ -11,6 +11,7 @@ mod contact;
 mod dead_letters;
 mod events;
 pub mod keys;
+mod ownership;
 mod rate;
 mod run_lists;
 mod schedules;
@@ -26,6 +27,7 @@ pub use contact::ContactRecord;
 pub use dead_letters::{DeadLetterCursor, DeadLetterEntry, Retried};
 pub use events::{ContactChange, RecordedEvent};
 pub use keys::Keys;
+pub use ownership::Member;
 pub use rate::{Rate, Taken};
 pub use run_lists::{ListPosition, Listed};
 pub use schedules::{AudiencePage, ScheduleState, TickClaim, TickCounts, TickProgress};
@@ -76,6 +78,8 @@ struct Scripts {
     rate_take: Script,
     rate_penalize: Script,
     progress: Script,
+    partition_acquire: Script,
+    partition_release: Script,
 }
 
 impl Scripts {
@@ -95,6 +99,8 @@ impl Scripts {
             rate_take: Script::new(include_str!("lua/rate_take.lua")),
             rate_penalize: Script::new(include_str!("lua/rate_penalize.lua")),
             progress: Script::new(include_str!("lua/progress.lua")),
+            partition_acquire: Script::new(include_str!("lua/partition_acquire.lua")),
+            partition_release: Script::new(include_str!("lua/partition_release.lua")),
         }
     }
 }
