@@ -50,9 +50,19 @@ fn event_send_converts_wakes_and_starts_runs() {
     }
     let goal_run = run_id(&dev.json(&["enroll", "ev-goal", "--contact", "c-1"]));
     let wait_run = run_id(&dev.json(&["enroll", "ev-wait", "--contact", "c-1"]));
-    dev.wait_for(&["run", "get", &wait_run], "the wait_for step", |run| {
-        run["current_step"] == "until-order"
-    });
+    // Registered for its event (its first claim), not just enrolled at the step: an
+    // event before that would be matched from the lookback instead of waking it.
+    dev.wait_for(
+        &["run", "get", &wait_run],
+        "the wait_for step waiting",
+        |run| {
+            run["steps"].as_array().is_some_and(|steps| {
+                steps
+                    .iter()
+                    .any(|step| step["step_id"] == "until-order" && step["status"] == "waiting")
+            })
+        },
+    );
 
     let sent = dev.json(&[
         "event",
