@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tonic::Code;
 use touchpoint_proto::v1::{
-    ApplyStatus, CancelRunRequest, DeadLetter, ListDeadLettersRequest, RetryDeadLettersRequest,
-    RunStatus, StepStatus, retry_dead_letters_request::Target,
+    ApplyStatus, CancelRunRequest, DeadLetter, ListDeadLettersRequest, RecordEventRequest,
+    RetryDeadLettersRequest, RunStatus, StepStatus, retry_dead_letters_request::Target,
 };
 use touchpoint_tests::{Stack, contact, request_id, run_summary, stays};
 
@@ -421,5 +421,56 @@ async fn exhausting_retries_on_503s_dead_letters_the_run() {
             .iter()
             .all(|r| r.webhook_id() == requests[0].webhook_id()),
         "{summary}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_dead_letter_still_ends_at_its_goal() {
+    let mut stack = Stack::start(NODE, &[], &["wecom"]).await;
+    stack.receiver.respond_with(&[400]);
+    let yaml = r#"name: dlq-goal
+goal: { event: order.placed }
+steps:
+  - id: notify
+    action: send_message
+    channel: wecom
+    template: "hi"
+  - id: remind-later
+    wait: 1d
+"#;
+    let run_id = enroll(&mut stack, yaml, "dlq-goal", &["c-7101"])
+        .await
+        .remove(0);
+    stack
+        .client
+        .wait_for_status(&run_id, RunStatus::Failed, TIMEOUT)
+        .await;
+    assert_eq!(retried(&mut stack, Target::RunId(run_id.clone())).await, 1);
+    stack
+        .client
+        .wait_for_run(&run_id, TIMEOUT, "waiting at remind-later", |run| {
+            run.current_step == "remind-later"
+        })
+        .await;
+
+    let recorded = stack
+        .client
+        .events
+        .record_event(RecordEventRequest {
+            contact_id: "c-7101".to_owned(),
+            name: "order.placed".to_owned(),
+            request_id: request_id(),
+            ..RecordEventRequest::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RecordEvent: {e}"))
+        .into_inner();
+    assert_eq!(recorded.converted_run_ids, [run_id.clone()], "{recorded:?}");
+    let converted = stack.client.run(&run_id).await;
+    assert_eq!(
+        converted.status(),
+        RunStatus::Converted,
+        "{}",
+        run_summary(&converted)
     );
 }

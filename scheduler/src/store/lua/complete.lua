@@ -57,7 +57,8 @@ local function finish(key, id, run, status, fields, dead)
   else
     redis.call('EXPIRE', key, retention)
   end
-  if run[7] == '1' then
+  -- A dead letter keeps its goal: retried, its goal event still converts it.
+  if run[7] == '1' and not dead then
     redis.call('HDEL', goals_prefix .. run[5], id)
   end
   count(stats_prefix .. run[3] .. ':' .. run[4], 'runs:' .. status)

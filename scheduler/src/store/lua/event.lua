@@ -54,8 +54,11 @@ for n = 1, #goal_runs, 2 do
       redis.call('HINCRBY', stats, 'runs:converted', 1)
       redis.call('HINCRBY', stats, run[4] .. ':left', 1)
       converted[#converted + 1] = id
+      redis.call('HDEL', goals, id)
+    elseif run[1] ~= 'failed' then
+      -- (A failed run keeps its goal while it is a dead letter, for when it is retried.)
+      redis.call('HDEL', goals, id)
     end
-    redis.call('HDEL', goals, id)
   end
 end
 
