@@ -50,6 +50,7 @@ use crate::{
         AfterEvent, CapCheck, ClaimedRun, Completion, ContactRecord, Op, Rate, Send, Spent, Stat,
         Store, WaitRegistration,
     },
+    wake::{self, Wake},
     workers::{ConnectionId, NoWorker, Workers},
 };
 
@@ -138,6 +139,8 @@ pub(crate) struct Engine {
     /// channel without a rate of its own still asks its bucket before each hand-out;
     /// other channels without a rate cost no Redis call.
     penalized: Mutex<HashMap<String, i64>>,
+    /// Tells the owners of partitions this scheduler wrote to but does not own.
+    wakes: wake::Publisher,
 }
 
 /// A claimed step ready to be handed to a worker.
@@ -170,6 +173,7 @@ impl Engine {
     ) -> Arc<Self> {
         let (completions, completion_rx) = mpsc::unbounded_channel();
         let partitions = usize::from(store.partitions());
+        let store_for_wakes = store.clone();
         let engine = Arc::new(Self {
             store,
             playbooks,
@@ -188,6 +192,7 @@ impl Engine {
             paused: Mutex::new(HashSet::new()),
             parked: Mutex::new(HashSet::new()),
             penalized: Mutex::new(HashMap::new()),
+            wakes: wake::Publisher::start(store_for_wakes, shutdown.clone()),
         });
         engine
             .tasks
@@ -215,11 +220,29 @@ impl Engine {
         &self.config.scheduler_id
     }
 
-    /// Makes the timer loop look at `partition` no later than `due_ms`. Only the owner of
-    /// a partition claims from it: a write through a scheduler that does not own the
-    /// partition is found by its owner at the owner's next idle poll of it (at worst
-    /// `--poll-interval` later).
+    /// Makes the timer loop look at `partition` no later than `due_ms`; only the owner
+    /// of a partition claims from it, so for a partition this scheduler does not own,
+    /// the owner is told (see `crate::wake`).
     pub(crate) fn schedule_check(&self, partition: u16, due_ms: i64) {
+        if self.ownership.owns(partition, now_ms()) {
+            self.check_at(partition, due_ms);
+        } else {
+            self.wakes.wake(Wake::Partition(partition, due_ms));
+        }
+    }
+
+    /// A wake from another scheduler: acted on for the partitions this one owns.
+    pub(crate) fn on_wake(&self, wake: Wake) {
+        match wake {
+            Wake::Partition(partition, due_ms) if self.ownership.owns(partition, now_ms()) => {
+                self.check_at(partition, due_ms);
+            }
+            Wake::Partition(..) => {}
+            Wake::All => self.check_all(),
+        }
+    }
+
+    fn check_at(&self, partition: u16, due_ms: i64) {
         let mut next = lock(&self.next_check);
         if let Some(slot) = next.get_mut(usize::from(partition))
             && due_ms < *slot
@@ -291,8 +314,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Makes every partition due for a claim now.
+    /// Makes every partition due for a claim now, on every scheduler.
     pub(crate) fn wake_all(&self) {
+        self.check_all();
+        self.wakes.wake(Wake::All);
+    }
+
+    fn check_all(&self) {
         lock(&self.next_check).iter_mut().for_each(|slot| *slot = 0);
         self.wake.notify_one();
     }

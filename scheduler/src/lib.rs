@@ -30,6 +30,7 @@ pub mod run;
 pub mod schedule;
 pub mod store;
 mod tls;
+mod wake;
 mod workers;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -191,6 +192,13 @@ pub async fn run(
         stop.clone(),
     );
 
+    let woken = Arc::clone(&engine);
+    tokio::spawn(wake::listen(
+        args.redis_url.clone(),
+        store.wake_channel(),
+        Arc::new(move |wake| woken.on_wake(wake)),
+        stop.clone(),
+    ));
     if args.telemetry.metrics_listen.is_some() {
         observe::sample_backlog(store.clone(), stop.clone());
     }

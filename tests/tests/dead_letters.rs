@@ -465,7 +465,11 @@ steps:
         .await
         .unwrap_or_else(|e| panic!("RecordEvent: {e}"))
         .into_inner();
-    assert_eq!(recorded.converted_run_ids, [run_id.clone()], "{recorded:?}");
+    assert_eq!(
+        recorded.converted_run_ids,
+        [run_id.as_str()],
+        "{recorded:?}"
+    );
     let converted = stack.client.run(&run_id).await;
     assert_eq!(
         converted.status(),

@@ -12,7 +12,7 @@ use std::{
 };
 
 use touchpoint_proto::v1::{ApplyPlaybookRequest, ApplyStatus, EnrollRequest, RunStatus};
-use touchpoint_scheduler::store::Store;
+use touchpoint_scheduler::{run::partition_of_contact, store::Store};
 use touchpoint_tests::{
     ChannelConfig, ReceivedRequest, Reply, SECRET_ENV, SchedulerNode, TestRedis, TouchpointClient,
     WebhookReceiver, WorkerConfig, WorkerNode, contact, eventually, eventually_some,
@@ -539,4 +539,100 @@ async fn a_worker_holds_one_stream_to_a_scheduler_it_knows_by_two_addresses() {
         scheduler.process().log_tail(20),
         worker.process().log_tail(20)
     );
+}
+
+/// A run enrolled through a scheduler that does not own the run's partition goes out
+/// at once: the owner is woken over Redis pub/sub, not left to find it at its next idle
+/// poll (set to a minute here, longer than the test waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_another_scheduler_wakes_the_partitions_owner() {
+    const ONE_SEND: &str =
+        "name: one-send\nsteps:\n  - id: hello\n    action: send_message\n    channel: wecom\n";
+    let redis = TestRedis::from_env();
+    let receiver = WebhookReceiver::start().await;
+    let secret = generate_secret();
+    let flags = |id: &'static str| {
+        [
+            "--scheduler-id",
+            id,
+            "--partitions",
+            "32",
+            "--partition-lease",
+            "2s",
+            "--poll-interval",
+            "60s",
+        ]
+    };
+    let mut schedulers: Vec<SchedulerNode> = ["s1", "s2"]
+        .into_iter()
+        .map(|id| SchedulerNode::start(NODE, &redis.url(), &flags(id)))
+        .collect();
+    let mut clients = Vec::new();
+    for scheduler in &mut schedulers {
+        clients.push(scheduler.client().await);
+    }
+    let store = Store::connect(&redis.url(), "tp", PARTITIONS, 3600)
+        .await
+        .expect("connect to Redis");
+    wait_for_owners(&store, &["s1", "s2"], Duration::from_secs(20)).await;
+    let config = WorkerConfig::new().channel(ChannelConfig::webhook(
+        "wecom",
+        &format!("{}/w", receiver.url()),
+        SECRET_ENV,
+    ));
+    let mut worker = WorkerNode::start(
+        NODE,
+        &schedulers[0].endpoint(),
+        "w-1",
+        &config,
+        &[(SECRET_ENV, &secret)],
+    );
+    for scheduler in &mut schedulers {
+        let attached = eventually(Duration::from_secs(20), || {
+            let log = scheduler.process().log();
+            async move { log.contains("worker connected") }
+        })
+        .await;
+        assert!(attached, "{}", worker.process().log_tail(30));
+    }
+    clients[0]
+        .playbooks
+        .apply_playbook(ApplyPlaybookRequest {
+            yaml: ONE_SEND.to_owned(),
+            dry_run: false,
+        })
+        .await
+        .expect("ApplyPlaybook");
+
+    // Contacts whose partitions s2 owns, enrolled through s1.
+    let owners = owners(&store).await;
+    let of_s2: Vec<String> = (0..)
+        .map(|n| format!("c-{n}"))
+        .filter(|id| {
+            let partition = partition_of_contact(id, PARTITIONS);
+            owners[usize::from(partition)].as_deref() == Some("s2")
+        })
+        .take(3)
+        .collect();
+    let mut runs = Vec::new();
+    for id in &of_s2 {
+        let run = clients[0]
+            .enrollments
+            .enroll(EnrollRequest {
+                playbook: "one-send".to_owned(),
+                contact: Some(contact(id, &[], &[])),
+                request_id: request_id(),
+            })
+            .await
+            .expect("Enroll")
+            .into_inner();
+        runs.push(run.run_id);
+    }
+    let requests = receiver.wait_for(3, Duration::from_secs(20)).await;
+    assert_eq!(requests.len(), 3, "{}", receiver.summary());
+    for run_id in &runs {
+        clients[1]
+            .wait_for_status(run_id, RunStatus::Completed, Duration::from_secs(20))
+            .await;
+    }
 }

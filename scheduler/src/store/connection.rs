@@ -147,6 +147,40 @@ impl ConnectionLike for RedisConnection {
     }
 }
 
+/// Subscribes to `channel` on the Redis `url` names (on a cluster, the first seed node
+/// that answers: a cluster forwards every `PUBLISH` to all its nodes).
+///
+/// # Errors
+/// [`Error::Config`] for a bad URL; [`Error::Redis`] when no node can be reached.
+pub async fn subscribe(url: &str, channel: &str) -> Result<redis::aio::PubSubStream> {
+    let nodes = match parse(url).map_err(|why| bad_url(&why))? {
+        Target::Single(url) => vec![
+            url.as_str()
+                .into_connection_info()
+                .map_err(|e| bad_url(&e.to_string()))?,
+        ],
+        Target::Cluster(nodes) => seed_nodes(&nodes)?,
+    };
+    let mut last_error = None;
+    for node in nodes {
+        let attempt = async {
+            let client = redis::Client::open(node)?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            RedisResult::Ok(pubsub.into_on_message())
+        };
+        match tokio::time::timeout(CONNECTION_TIMEOUT, attempt).await {
+            Ok(Ok(messages)) => return Ok(messages),
+            Ok(Err(err)) => last_error = Some(Error::Redis(err)),
+            Err(_) => {
+                let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "subscribing");
+                last_error = Some(Error::Redis(timed_out.into()));
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| bad_url("no node")))
+}
+
 fn bad_url(why: &str) -> Error {
     Error::Config(format!("invalid Redis URL: {why}; expected {URL_FORMS}"))
 }

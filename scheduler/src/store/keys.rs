@@ -90,6 +90,12 @@ impl Keys {
         format!("{}:scheduler:{id}", self.prefix)
     }
 
+    /// Pub/sub channel (not a key): "partition N is due at T" from a scheduler that
+    /// wrote to a partition it does not own, to its owner (see `crate::wake`).
+    pub fn wake_channel(&self) -> String {
+        format!("{}:wake", self.prefix)
+    }
+
     /// Hash tag prefix of every key of `partition`.
     fn partition(&self, partition: u16) -> String {
         format!("{}:{{p{partition}}}", self.prefix)

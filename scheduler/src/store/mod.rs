@@ -22,7 +22,7 @@ use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 
 pub use budget::{CapCheck, Send, Spent};
-pub use connection::{RedisConnection, URL_FORMS};
+pub use connection::{RedisConnection, URL_FORMS, subscribe};
 pub use contact::ContactRecord;
 pub use dead_letters::{DeadLetterCursor, DeadLetterEntry, Retried};
 pub use events::{ContactChange, RecordedEvent};
@@ -943,6 +943,22 @@ impl Store {
             out.push(run_record(run_id, &fields, leased.is_some())?);
         }
         Ok(out)
+    }
+
+    /// Publishes `message` on the wake channel (see `crate::wake`).
+    pub async fn publish_wake(&self, message: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _receivers: i64 = redis::cmd("PUBLISH")
+            .arg(self.keys.wake_channel())
+            .arg(message)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The wake channel's name.
+    pub fn wake_channel(&self) -> String {
+        self.keys.wake_channel()
     }
 }
 
