@@ -333,6 +333,45 @@ async fn wait_for_owners(store: &Store, ids: &[&str], within: Duration) -> BTree
     }
 }
 
+/// A worker (`w-1`, webhooks to `receiver` on channel `wecom`) given the first
+/// scheduler's address only; returns once every scheduler logged it connected.
+async fn worker_on_every_scheduler(
+    schedulers: &mut [SchedulerNode],
+    receiver: &WebhookReceiver,
+    secret: &str,
+    concurrency: u32,
+) -> WorkerNode {
+    let config = WorkerConfig {
+        concurrency,
+        ..WorkerConfig::new()
+    }
+    .channel(ChannelConfig::webhook(
+        "wecom",
+        &format!("{}/w", receiver.url()),
+        SECRET_ENV,
+    ));
+    let mut worker = WorkerNode::start(
+        NODE,
+        &schedulers[0].endpoint(),
+        "w-1",
+        &config,
+        &[(SECRET_ENV, secret)],
+    );
+    for scheduler in schedulers.iter_mut() {
+        let attached = eventually(Duration::from_secs(20), || {
+            let log = scheduler.process().log();
+            async move { log.contains("worker connected") }
+        })
+        .await;
+        assert!(
+            attached,
+            "the worker did not attach to every scheduler:\n{}",
+            worker.process().log_tail(30)
+        );
+    }
+    worker
+}
+
 /// Three schedulers on one Redis with 2 s partition leases and one worker configured
 /// with the first scheduler's address only. The schedulers split the partitions (each
 /// owns some); the worker learns of the other two from the first and attaches to all
@@ -374,34 +413,7 @@ async fn schedulers_split_the_partitions_and_take_over_a_killed_ones() {
     let split = wait_for_owners(&store, &["s1", "s2", "s3"], Duration::from_secs(20)).await;
     eprintln!("partitions owned: {split:?}");
 
-    let config = WorkerConfig {
-        concurrency: 8,
-        ..WorkerConfig::new()
-    }
-    .channel(ChannelConfig::webhook(
-        "wecom",
-        &format!("{}/w", receiver.url()),
-        SECRET_ENV,
-    ));
-    let mut worker = WorkerNode::start(
-        NODE,
-        &schedulers[0].endpoint(),
-        "w-1",
-        &config,
-        &[(SECRET_ENV, &secret)],
-    );
-    for scheduler in &mut schedulers {
-        let attached = eventually(Duration::from_secs(20), || {
-            let log = scheduler.process().log();
-            async move { log.contains("worker connected") }
-        })
-        .await;
-        assert!(
-            attached,
-            "the worker did not attach to every scheduler:\n{}",
-            worker.process().log_tail(30)
-        );
-    }
+    let mut worker = worker_on_every_scheduler(&mut schedulers, &receiver, &secret, 8).await;
     let applied = clients[0]
         .playbooks
         .apply_playbook(ApplyPlaybookRequest {
@@ -575,26 +587,7 @@ async fn a_write_through_another_scheduler_wakes_the_partitions_owner() {
         .await
         .expect("connect to Redis");
     wait_for_owners(&store, &["s1", "s2"], Duration::from_secs(20)).await;
-    let config = WorkerConfig::new().channel(ChannelConfig::webhook(
-        "wecom",
-        &format!("{}/w", receiver.url()),
-        SECRET_ENV,
-    ));
-    let mut worker = WorkerNode::start(
-        NODE,
-        &schedulers[0].endpoint(),
-        "w-1",
-        &config,
-        &[(SECRET_ENV, &secret)],
-    );
-    for scheduler in &mut schedulers {
-        let attached = eventually(Duration::from_secs(20), || {
-            let log = scheduler.process().log();
-            async move { log.contains("worker connected") }
-        })
-        .await;
-        assert!(attached, "{}", worker.process().log_tail(30));
-    }
+    let _worker = worker_on_every_scheduler(&mut schedulers, &receiver, &secret, 8).await;
     clients[0]
         .playbooks
         .apply_playbook(ApplyPlaybookRequest {
