@@ -224,9 +224,11 @@ impl Engine {
     /// of a partition claims from it, so for a partition this scheduler does not own,
     /// the owner is told (see `crate::wake`).
     pub(crate) fn schedule_check(&self, partition: u16, due_ms: i64) {
-        if self.ownership.owns(partition, now_ms()) {
+        let now = now_ms();
+        if self.ownership.owns(partition, now) {
             self.check_at(partition, due_ms);
-        } else {
+        } else if due_ms <= now + millis(self.config.poll_interval) {
+            // (The owner's idle poll reads anything due later from the due set.)
             self.wakes.wake(Wake::Partition(partition, due_ms));
         }
     }
