@@ -20,6 +20,7 @@ pub mod campaigns;
 mod clock;
 mod engine;
 pub mod enrollment;
+mod list_sweeper;
 pub mod localtime;
 mod observe;
 pub mod ownership;
@@ -192,6 +193,11 @@ pub async fn run(
         stop.clone(),
     );
 
+    tokio::spawn(list_sweeper::run(
+        store.clone(),
+        Arc::clone(&ownership),
+        stop.clone(),
+    ));
     let woken = Arc::clone(&engine);
     tokio::spawn(wake::listen(
         args.redis_url.clone(),

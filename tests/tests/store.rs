@@ -864,3 +864,62 @@ async fn a_wait_next_mark_of_a_step_the_run_left_is_ignored() {
     assert!(record.timeline.is_empty(), "{:?}", record.timeline);
     assert_eq!(wait_next(&redis, &run_id, 3).await, None, "dropped");
 }
+
+#[tokio::test]
+async fn the_run_list_sweep_drops_only_entries_of_runs_that_are_gone() {
+    let redis = TestRedis::from_env();
+    let store = store(&redis).await;
+    let batch: Vec<NewRun> = (0..25)
+        .map(|n| new_run(1, &format!("c-sweep-{n}"), None, 1000 + n))
+        .collect();
+    for result in store.enroll_many(&batch).await {
+        result.expect("enroll");
+    }
+    // Every third run expired (its hash is gone).
+    let mut conn = redis.connection().await;
+    let mut kept = Vec::new();
+    for (n, run) in batch.iter().enumerate() {
+        if n % 3 == 0 {
+            let _: () = redis::cmd("DEL")
+                .arg(format!("t:{{p1}}:run:{}", run.run_id))
+                .query_async(&mut conn)
+                .await
+                .expect("DEL");
+        } else {
+            kept.push(run.run_id.clone());
+        }
+    }
+
+    // Pages of 10: three calls, the last one ending the list.
+    let mut after = None;
+    let mut dropped = 0;
+    let mut calls = 0;
+    loop {
+        let (gone, next) = store
+            .sweep_run_list(1, "p", after.as_deref(), 10)
+            .await
+            .expect("sweep");
+        dropped += gone;
+        calls += 1;
+        match next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!((dropped, calls), (9, 3));
+    let mut listed: Vec<String> = store
+        .playbook_run_ids("p", None, 100)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|l| l.run_id)
+        .collect();
+    listed.sort();
+    kept.sort();
+    assert_eq!(listed, kept);
+    let (gone, next) = store
+        .sweep_run_list(1, "p", None, 100)
+        .await
+        .expect("sweep again");
+    assert_eq!((gone, next), (0, None), "nothing left to drop");
+}

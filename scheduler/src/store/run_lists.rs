@@ -7,9 +7,17 @@
 //! listed); across partitions a listing merges the streams by [`ListPosition`], which adds
 //! the partition to the stream id so that the order is total and a page can resume
 //! exactly where the last one stopped. Entries of runs that expired are dropped when a
-//! listing meets them.
+//! listing meets them, and by each partition's owner sweeping its lists page by page
+//! ([`Store::sweep_run_list`]), so the lists do not grow without bound.
+
+use std::sync::LazyLock;
+
+use redis::Script;
 
 use super::{Result, Store, timed};
+
+static SWEEP: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/sweep_run_list.lua")));
 
 /// A place in a playbook's run list: its stream entry id and its partition, ordered
 /// newest last.
@@ -129,6 +137,28 @@ impl Store {
             per_partition = per_partition.saturating_mul(2);
         }
         Ok(out)
+    }
+
+    /// Drops the entries of runs that no longer exist from `playbook`'s list in
+    /// `partition`, looking at up to `count` entries after `after` (from the start for
+    /// `None`): how many were dropped, and where to go on from (`None`: the list ended).
+    pub async fn sweep_run_list(
+        &self,
+        partition: u16,
+        playbook: &str,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<(u64, Option<String>)> {
+        let mut conn = self.conn.clone();
+        let mut invocation = SWEEP.prepare_invoke();
+        invocation
+            .key(self.keys.playbook_runs(partition, playbook))
+            .arg(self.keys.run_prefix(partition))
+            .arg(after.unwrap_or_default())
+            .arg(count);
+        let (dropped, last): (u64, String) =
+            timed("sweep_run_list", invocation.invoke_async(&mut conn)).await?;
+        Ok((dropped, (!last.is_empty()).then_some(last)))
     }
 
     /// Drops list entries of runs that expired.
