@@ -240,6 +240,21 @@ steps:
     assert!(stack.receiver.requests().is_empty());
 }
 
+/// How many entries the `brief` playbook's run lists hold, over 4 partitions.
+async fn brief_list_entries(stack: &Stack) -> u64 {
+    let mut conn = stack.redis.connection().await;
+    let mut total = 0;
+    for partition in 0..4 {
+        let entries: u64 = redis::cmd("XLEN")
+            .arg(format!("tp:{{p{partition}}}:runlog:brief"))
+            .query_async(&mut conn)
+            .await
+            .expect("XLEN");
+        total += entries;
+    }
+    total
+}
+
 /// A finished run's hash expires after `--retention`; its entry in the playbook's run
 /// list goes too, swept by the partition's owner without anyone listing the runs, so
 /// the lists do not grow without bound.
@@ -247,7 +262,7 @@ steps:
 async fn run_list_entries_of_expired_runs_are_swept() {
     let mut stack = Stack::start(NODE, &["--partitions", "4", "--retention", "1s"], &[]).await;
     stack
-        .apply("name: brief\nsteps:\n  - id: pause\n    wait: 10ms\n")
+        .apply("name: brief\nsteps:\n  - id: pause\n    wait: 2s\n")
         .await;
     let mut runs = Vec::new();
     for n in 0..6 {
@@ -260,38 +275,19 @@ async fn run_list_entries_of_expired_runs_are_swept() {
             .await;
         runs.push(run.run_id);
     }
+    assert_eq!(
+        brief_list_entries(&stack).await,
+        6,
+        "every run listed while it exists"
+    );
     for run_id in &runs {
         stack
             .client
             .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)
             .await;
     }
-    let mut conn = stack.redis.connection().await;
-    let mut listed = 0;
-    for partition in 0..4 {
-        let entries: u64 = redis::cmd("XLEN")
-            .arg(format!("tp:{{p{partition}}}:runlog:brief"))
-            .query_async(&mut conn)
-            .await
-            .expect("XLEN");
-        listed += entries;
-    }
-    assert_eq!(listed, 6, "every run listed while it exists");
-    let swept = touchpoint_tests::eventually(TIMEOUT, || {
-        let mut conn = conn.clone();
-        async move {
-            let mut left = 0;
-            for partition in 0..4 {
-                let entries: u64 = redis::cmd("XLEN")
-                    .arg(format!("tp:{{p{partition}}}:runlog:brief"))
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or(1);
-                left += entries;
-            }
-            left == 0
-        }
-    })
-    .await;
+    let swept =
+        touchpoint_tests::eventually(TIMEOUT, || async { brief_list_entries(&stack).await == 0 })
+            .await;
     assert!(swept, "run-list entries of expired runs should be swept");
 }

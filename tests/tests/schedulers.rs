@@ -333,6 +333,39 @@ async fn wait_for_owners(store: &Store, ids: &[&str], within: Duration) -> BTree
     }
 }
 
+/// Flags of scheduler `id` in the ownership tests: 32 partitions under 2 s leases, then
+/// `extra`.
+fn ownership_flags<'a>(id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = vec![
+        "--scheduler-id",
+        id,
+        "--partitions",
+        "32",
+        "--partition-lease",
+        "2s",
+    ];
+    flags.extend_from_slice(extra);
+    flags
+}
+
+/// Schedulers `ids` on `redis` with [`ownership_flags`], and a client of each once it
+/// answers.
+async fn start_schedulers(
+    redis: &TestRedis,
+    ids: &[&str],
+    extra: &[&str],
+) -> (Vec<SchedulerNode>, Vec<TouchpointClient>) {
+    let mut schedulers: Vec<SchedulerNode> = ids
+        .iter()
+        .map(|id| SchedulerNode::start(NODE, &redis.url(), &ownership_flags(id, extra)))
+        .collect();
+    let mut clients = Vec::new();
+    for scheduler in &mut schedulers {
+        clients.push(scheduler.client().await);
+    }
+    (schedulers, clients)
+}
+
 /// A worker (`w-1`, webhooks to `receiver` on channel `wecom`) given the first
 /// scheduler's address only; returns once every scheduler logged it connected.
 async fn worker_on_every_scheduler(
@@ -387,26 +420,8 @@ async fn schedulers_split_the_partitions_and_take_over_a_killed_ones() {
     let redis = TestRedis::from_env();
     let receiver = WebhookReceiver::start().await;
     let secret = generate_secret();
-    let flags = |id: &'static str| {
-        [
-            "--scheduler-id",
-            id,
-            "--partitions",
-            "32",
-            "--partition-lease",
-            "2s",
-            "--lease",
-            "2s",
-        ]
-    };
-    let mut schedulers: Vec<SchedulerNode> = ["s1", "s2", "s3"]
-        .into_iter()
-        .map(|id| SchedulerNode::start(NODE, &redis.url(), &flags(id)))
-        .collect();
-    let mut clients = Vec::new();
-    for scheduler in &mut schedulers {
-        clients.push(scheduler.client().await);
-    }
+    let (mut schedulers, mut clients) =
+        start_schedulers(&redis, &["s1", "s2", "s3"], &["--lease", "2s"]).await;
     let store = Store::connect(&redis.url(), "tp", PARTITIONS, 3600)
         .await
         .expect("connect to Redis");
@@ -470,7 +485,11 @@ async fn schedulers_split_the_partitions_and_take_over_a_killed_ones() {
         );
     }
 
-    let mut fourth = SchedulerNode::start(NODE, &redis.url(), &flags("s4"));
+    let mut fourth = SchedulerNode::start(
+        NODE,
+        &redis.url(),
+        &ownership_flags("s4", &["--lease", "2s"]),
+    );
     let split = wait_for_owners(&store, &["s1", "s3", "s4"], Duration::from_secs(15)).await;
     eprintln!("s4 started: {split:?}");
     let attached = eventually(Duration::from_secs(20), || {
@@ -563,26 +582,8 @@ async fn a_write_through_another_scheduler_wakes_the_partitions_owner() {
     let redis = TestRedis::from_env();
     let receiver = WebhookReceiver::start().await;
     let secret = generate_secret();
-    let flags = |id: &'static str| {
-        [
-            "--scheduler-id",
-            id,
-            "--partitions",
-            "32",
-            "--partition-lease",
-            "2s",
-            "--poll-interval",
-            "60s",
-        ]
-    };
-    let mut schedulers: Vec<SchedulerNode> = ["s1", "s2"]
-        .into_iter()
-        .map(|id| SchedulerNode::start(NODE, &redis.url(), &flags(id)))
-        .collect();
-    let mut clients = Vec::new();
-    for scheduler in &mut schedulers {
-        clients.push(scheduler.client().await);
-    }
+    let (mut schedulers, mut clients) =
+        start_schedulers(&redis, &["s1", "s2"], &["--poll-interval", "60s"]).await;
     let store = Store::connect(&redis.url(), "tp", PARTITIONS, 3600)
         .await
         .expect("connect to Redis");
