@@ -40,17 +40,12 @@ local function enroll(i)
   end
   -- The contact is upserted whether or not a run starts; with the run, in the same
   -- HSET as the playbook it entered.
+  -- (Contact fields are `id`, `tz`, `a:`, `t:`, `i:`: never an `e:` one.)
   local function upsert(field, value)
-    local pairs_ = {}
-    for n = contact_at, next_run - 1 do
-      pairs_[#pairs_ + 1] = ARGV[n]
-    end
     if field then
-      pairs_[#pairs_ + 1] = field
-      pairs_[#pairs_ + 1] = value
-    end
-    if #pairs_ > 0 then
-      redis.call('HSET', contact, unpack(pairs_))
+      redis.call('HSET', contact, field, value, unpack(ARGV, contact_at, next_run - 1))
+    elseif next_run > contact_at then
+      redis.call('HSET', contact, unpack(ARGV, contact_at, next_run - 1))
     end
   end
   local entered_field = 'e:' .. playbook
