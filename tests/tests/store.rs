@@ -824,14 +824,22 @@ async fn the_claim_at_a_waits_end_moves_the_run_straight_on_to_the_next_step() {
         (wait.index, wait.due_ms, wait.done_ms, wait.attempts),
         (0, wait_ends, wait_ends + 5, 0)
     );
-    assert_eq!(wait_next(&redis, &run_id, 2).await, None, "used once");
     let stats = store.stats("p", 1).await.unwrap();
     assert_eq!(stats.get("0:done"), Some(&1), "{stats:?}");
     assert_eq!(stats.get("1:in"), Some(&1), "{stats:?}");
 
+    // Its lease runs out: claimed again at the same step, the wait not done twice.
+    let again = store.claim(2, wait_ends + 200, 10, 100).await.unwrap();
+    assert_eq!(again.expired, 1);
+    assert_eq!(again.runs.len(), 1);
+    assert_eq!((again.runs[0].step_index, again.runs[0].attempt), (1, 2));
+    let record = store.get_run(&run_id).await.unwrap().unwrap();
+    assert_eq!(record.timeline.len(), 1, "{:?}", record.timeline);
+    assert_eq!(store.stats("p", 1).await.unwrap().get("0:done"), Some(&1));
+
     // Its outcome moves it on like any claimed step's.
     let (applied, stale) = store
-        .complete(2, wait_ends + 10, &[finish(&run_id, run.fence)])
+        .complete(2, wait_ends + 210, &[finish(&run_id, again.runs[0].fence)])
         .await
         .unwrap();
     assert_eq!((applied, stale), (1, 0));
@@ -862,7 +870,6 @@ async fn a_wait_next_mark_of_a_step_the_run_left_is_ignored() {
     assert_eq!(claim.runs[0].step_index, 2, "still at its own step");
     let record = store.get_run(&run_id).await.unwrap().unwrap();
     assert!(record.timeline.is_empty(), "{:?}", record.timeline);
-    assert_eq!(wait_next(&redis, &run_id, 3).await, None, "dropped");
 }
 
 #[tokio::test]

@@ -40,9 +40,9 @@ for _, id in ipairs(ids) do
   local key = runs .. id
   local run = redis.call('HMGET', key, 'st', 'pb', 'v', 'c', 'i', 'a', 'tp', 'due', 'ws', 'ca', 'ev', 'rs', 'f', 'wn')
   if run[1] == 'active' and run[14] then
-    redis.call('HDEL', key, 'wn')
     local space = string.find(run[14], ' ', 1, true)
-    -- (A `wn` of a step the run has left is stale: dropped.)
+    -- (Runs only move forward, so once the run has left the wait its `wn` names a step
+    -- it is not at: kept, and ignored.)
     if space and string.sub(run[14], 1, space - 1) == run[5] then
       local wait, next_index = run[5], string.sub(run[14], space + 1)
       local line = '{"i":' .. wait .. ',"s":"done","a":0,"due":' .. (run[8] or ARGV[1]) ..
