@@ -121,16 +121,7 @@ impl Cluster {
                 scheduler.process().log_tail(30)
             );
         }
-        let applied = clients[0]
-            .playbooks
-            .apply_playbook(ApplyPlaybookRequest {
-                yaml: PLAYBOOK.to_owned(),
-                dry_run: false,
-            })
-            .await
-            .expect("ApplyPlaybook")
-            .into_inner();
-        assert_eq!(applied.status(), ApplyStatus::Created);
+        apply_new(&mut clients[0], PLAYBOOK).await;
         Self {
             workers,
             schedulers,
@@ -333,6 +324,20 @@ async fn wait_for_owners(store: &Store, ids: &[&str], within: Duration) -> BTree
     }
 }
 
+/// Applies `yaml`, a playbook new to the deployment.
+async fn apply_new(client: &mut TouchpointClient, yaml: &str) {
+    let applied = client
+        .playbooks
+        .apply_playbook(ApplyPlaybookRequest {
+            yaml: yaml.to_owned(),
+            dry_run: false,
+        })
+        .await
+        .expect("ApplyPlaybook")
+        .into_inner();
+    assert_eq!(applied.status(), ApplyStatus::Created);
+}
+
 /// Flags of scheduler `id` in the ownership tests: 32 partitions under 2 s leases, then
 /// `extra`.
 fn ownership_flags<'a>(id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -429,16 +434,7 @@ async fn schedulers_split_the_partitions_and_take_over_a_killed_ones() {
     eprintln!("partitions owned: {split:?}");
 
     let mut worker = worker_on_every_scheduler(&mut schedulers, &receiver, &secret, 8).await;
-    let applied = clients[0]
-        .playbooks
-        .apply_playbook(ApplyPlaybookRequest {
-            yaml: PLAYBOOK.to_owned(),
-            dry_run: false,
-        })
-        .await
-        .expect("ApplyPlaybook")
-        .into_inner();
-    assert_eq!(applied.status(), ApplyStatus::Created);
+    apply_new(&mut clients[0], PLAYBOOK).await;
 
     // Deliveries take a while, so some are in flight when s2 is killed.
     receiver.script((0..RUNS).map(|_| Reply::status(200).held_for(Duration::from_millis(500))));
@@ -589,14 +585,7 @@ async fn a_write_through_another_scheduler_wakes_the_partitions_owner() {
         .expect("connect to Redis");
     wait_for_owners(&store, &["s1", "s2"], Duration::from_secs(20)).await;
     let _worker = worker_on_every_scheduler(&mut schedulers, &receiver, &secret, 8).await;
-    clients[0]
-        .playbooks
-        .apply_playbook(ApplyPlaybookRequest {
-            yaml: ONE_SEND.to_owned(),
-            dry_run: false,
-        })
-        .await
-        .expect("ApplyPlaybook");
+    apply_new(&mut clients[0], ONE_SEND).await;
 
     // Contacts whose partitions s2 owns, enrolled through s1.
     let owners = owners(&store).await;
