@@ -138,17 +138,7 @@ impl Cluster {
         let mut runs = Vec::with_capacity(n);
         for i in 0..n {
             let client = &mut self.clients[i % 2];
-            let run = client
-                .enrollments
-                .enroll(EnrollRequest {
-                    playbook: "three-touches".to_owned(),
-                    contact: Some(contact(&format!("c-{i}"), &[], &[])),
-                    request_id: request_id(),
-                })
-                .await
-                .expect("Enroll")
-                .into_inner();
-            runs.push(run.run_id);
+            runs.push(enroll(client, "three-touches", &format!("c-{i}")).await);
         }
         runs
     }
@@ -324,6 +314,21 @@ async fn wait_for_owners(store: &Store, ids: &[&str], within: Duration) -> BTree
     }
 }
 
+/// Enrolls contact `contact_id` (no attributes) in `playbook`: the run id.
+async fn enroll(client: &mut TouchpointClient, playbook: &str, contact_id: &str) -> String {
+    client
+        .enrollments
+        .enroll(EnrollRequest {
+            playbook: playbook.to_owned(),
+            contact: Some(contact(contact_id, &[], &[])),
+            request_id: request_id(),
+        })
+        .await
+        .expect("Enroll")
+        .into_inner()
+        .run_id
+}
+
 /// Applies `yaml`, a playbook new to the deployment.
 async fn apply_new(client: &mut TouchpointClient, yaml: &str) {
     let applied = client
@@ -440,17 +445,7 @@ async fn schedulers_split_the_partitions_and_take_over_a_killed_ones() {
     receiver.script((0..RUNS).map(|_| Reply::status(200).held_for(Duration::from_millis(500))));
     let mut runs = Vec::with_capacity(RUNS);
     for i in 0..RUNS {
-        let run = clients[i % 3]
-            .enrollments
-            .enroll(EnrollRequest {
-                playbook: "three-touches".to_owned(),
-                contact: Some(contact(&format!("c-{i}"), &[], &[])),
-                request_id: request_id(),
-            })
-            .await
-            .expect("Enroll")
-            .into_inner();
-        runs.push(run.run_id);
+        runs.push(enroll(&mut clients[i % 3], "three-touches", &format!("c-{i}")).await);
     }
     receiver.wait_for(RUNS / 3, TIMEOUT).await;
     schedulers[1].kill9();
@@ -599,17 +594,7 @@ async fn a_write_through_another_scheduler_wakes_the_partitions_owner() {
         .collect();
     let mut runs = Vec::new();
     for id in &of_s2 {
-        let run = clients[0]
-            .enrollments
-            .enroll(EnrollRequest {
-                playbook: "one-send".to_owned(),
-                contact: Some(contact(id, &[], &[])),
-                request_id: request_id(),
-            })
-            .await
-            .expect("Enroll")
-            .into_inner();
-        runs.push(run.run_id);
+        runs.push(enroll(&mut clients[0], "one-send", id).await);
     }
     let requests = receiver.wait_for(3, Duration::from_secs(20)).await;
     assert_eq!(requests.len(), 3, "{}", receiver.summary());
