@@ -54,3 +54,6 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Most tasks one worker may hold at once (`Hello.capacity`); a worker whose channels
 /// add up to more announces this.
 pub const MAX_WORKER_CAPACITY: u32 = 10_000;
+/// Most tasks handed out ahead of their due time one worker may hold
+/// (`Hello.hold_ahead`); a larger announcement counts as this.
+pub const MAX_HOLD_AHEAD: u32 = 200_000;

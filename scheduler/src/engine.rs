@@ -16,6 +16,9 @@
 //! provider's "too many requests" holds the channel back for everyone (see
 //! `docs/channels.md`, "Rate limits").
 //!
+//! With `--hand-out-ahead`, sends due within that window are claimed and handed to
+//! workers before their due time, to go out at it (see the `ahead` module).
+//!
 //! Nothing lives only in memory: a scheduler killed at any point leaves every run
 //! either due or leased in Redis, and leases expire back to due.
 
@@ -51,8 +54,12 @@ use crate::{
         Store, WaitRegistration,
     },
     wake::{self, Wake},
-    workers::{ConnectionId, NoWorker, Workers},
+    workers::{ConnectionId, NoWorker, WorkerSender, Workers},
 };
+
+mod ahead;
+
+use ahead::AheadChecks;
 
 /// Tuning of the engine.
 #[derive(Debug, Clone)]
@@ -64,6 +71,8 @@ pub(crate) struct EngineConfig {
     pub claim_batch: usize,
     /// How often an idle partition is looked at anyway (writes by other schedulers).
     pub poll_interval: Duration,
+    /// How long before their due time sends are handed out (zero: at their due time).
+    pub hand_out_ahead: Duration,
 }
 
 /// A step handed to a worker and not yet reported.
@@ -84,6 +93,8 @@ struct InFlight {
     playbook: Arc<LoadedPlaybook>,
     /// The attempt's `dispatch` span: from hand-out to outcome.
     span: Span,
+    /// Handed out ahead of `due_ms` (counted against the worker's `hold_ahead`).
+    ahead: bool,
 }
 
 /// The `connection` of a step whose worker's stream ended: it waits for the worker to
@@ -141,6 +152,8 @@ pub(crate) struct Engine {
     penalized: Mutex<HashMap<String, i64>>,
     /// Tells the owners of partitions this scheduler wrote to but does not own.
     wakes: wake::Publisher,
+    /// Steps handed out ahead, checked once more just before they are due.
+    pub(crate) ahead_checks: AheadChecks,
 }
 
 /// A claimed step ready to be handed to a worker.
@@ -193,13 +206,19 @@ impl Engine {
             parked: Mutex::new(HashSet::new()),
             penalized: Mutex::new(HashMap::new()),
             wakes: wake::Publisher::start(store_for_wakes, shutdown.clone()),
+            ahead_checks: AheadChecks::default(),
         });
         engine
             .tasks
             .spawn(Arc::clone(&engine).timer_loop(shutdown.clone()));
         engine
             .tasks
-            .spawn(Arc::clone(&engine).completion_loop(completion_rx, shutdown));
+            .spawn(Arc::clone(&engine).completion_loop(completion_rx, shutdown.clone()));
+        if !engine.config.hand_out_ahead.is_zero() {
+            engine
+                .tasks
+                .spawn(Arc::clone(&engine).ahead_check_loop(shutdown));
+        }
         engine.tasks.close();
         engine
     }
@@ -220,11 +239,12 @@ impl Engine {
         &self.config.scheduler_id
     }
 
-    /// Makes the timer loop look at `partition` no later than `due_ms`; only the owner
-    /// of a partition claims from it, so for a partition this scheduler does not own,
-    /// the owner is told (see `crate::wake`).
+    /// Makes the timer loop look at `partition` no later than `due_ms` (a hand-out-ahead
+    /// before it); only the owner of a partition claims from it, so for a partition
+    /// this scheduler does not own, the owner is told (see `crate::wake`).
     pub(crate) fn schedule_check(&self, partition: u16, due_ms: i64) {
         let now = now_ms();
+        let due_ms = due_ms.saturating_sub(millis(self.config.hand_out_ahead));
         if self.ownership.owns(partition, now) {
             self.check_at(partition, due_ms);
         } else if due_ms <= now + millis(self.config.poll_interval) {
@@ -467,7 +487,14 @@ impl Engine {
             .unwrap_or(i64::MAX)
             .min(now + millis(self.config.poll_interval));
         let next = next.min(self.act_on(partition, claim.runs, now).await?);
-        Ok(if full_batch { now } else { next })
+        if full_batch {
+            return Ok(now);
+        }
+        if self.config.hand_out_ahead.is_zero() {
+            return Ok(next);
+        }
+        self.hand_out_ahead(partition, claim.next_due_ms, next)
+            .await
     }
 
     /// Acts on leased runs of `partition`: settles those that need no worker, hands the
@@ -780,6 +807,7 @@ impl Engine {
             channel: action.channel.clone(),
             playbook: Arc::clone(&playbook),
             span: Span::none(),
+            ahead: false,
         };
         Decision::Deliver(Box::new((in_flight, task)))
     }
@@ -1066,7 +1094,7 @@ impl Engine {
     }
 
     /// Hands a task to a worker, or returns the completion that puts it back in due.
-    fn deliver(&self, mut in_flight: InFlight, task: v1::Task, now: i64) -> Option<Completion> {
+    fn deliver(&self, in_flight: InFlight, task: v1::Task, now: i64) -> Option<Completion> {
         let hold_back = |detail: String, delay_ms: i64| Completion {
             run_id: task.run_id.clone(),
             fence: task.fencing_token,
@@ -1083,7 +1111,7 @@ impl Engine {
         if self.draining.load(Ordering::SeqCst) {
             return Some(hold_back("the scheduler is stopping".to_owned(), 0));
         }
-        let (connection, worker_id, sender) = match self.workers.reserve(&task.channel) {
+        let reserved = match self.workers.reserve(&task.channel) {
             Ok(reserved) => reserved,
             Err(NoWorker::ForChannel) => {
                 debug!(channel = %task.channel, "no connected worker serves the channel");
@@ -1098,6 +1126,19 @@ impl Engine {
                 return Some(hold_back(detail, 250));
             }
         };
+        self.hand_to(reserved, in_flight, task, now)
+    }
+
+    /// Sends `task` to the worker `reserved` for it and records it as in flight; when the
+    /// worker's stream is gone or full, gives the slot back and returns the step's
+    /// completion (due again shortly, or at its due time if that is later).
+    fn hand_to(
+        &self,
+        (connection, worker_id, sender): (ConnectionId, String, WorkerSender),
+        mut in_flight: InFlight,
+        task: v1::Task,
+        now: i64,
+    ) -> Option<Completion> {
         in_flight.connection = connection;
         in_flight.worker_id = worker_id;
         let mut task = task;
@@ -1130,19 +1171,21 @@ impl Engine {
             // That worker's late result will be ignored (its fence is stale), so give its
             // slot back now, or it would count as busy for as long as it stays connected,
             // and hand it nothing new until it shows signs of life.
-            self.workers.release(old.connection, &old.channel);
+            self.workers
+                .release(old.connection, &old.channel, old.ahead);
             self.workers.mark_unresponsive(old.connection);
         }
         if sender.try_send(Ok(message)).is_err() {
             // The worker's stream is gone or full; take the step back.
             let in_flight = lock(&self.in_flight).remove(&run_id)?;
-            self.workers.release(connection, &in_flight.channel);
+            self.workers
+                .release(connection, &in_flight.channel, in_flight.ahead);
             return Some(Completion {
                 run_id,
                 fence: in_flight.fence,
                 op: Op::Retry {
                     index: in_flight.step_index,
-                    due_ms: now + 250,
+                    due_ms: (now + 250).max(in_flight.due_ms),
                     attempt: in_flight.attempt,
                 },
                 detail: "worker stream unavailable".to_owned(),
@@ -1176,7 +1219,13 @@ impl Engine {
             return;
         };
         self.workers
-            .release(in_flight.connection, &in_flight.channel);
+            .release(in_flight.connection, &in_flight.channel, in_flight.ahead);
+        if in_flight.ahead && now_ms() < in_flight.due_ms {
+            // Handed back unstarted (its worker is stopping): due again at its time,
+            // the attempt not counted.
+            self.give_back(&result.run_id, &in_flight, &result.detail);
+            return;
+        }
         if result.rate_limited {
             self.on_rate_limited(in_flight.channel.clone(), result.retry_after_ms);
         }
@@ -1258,6 +1307,7 @@ impl Engine {
             channel: action.channel.clone(),
             playbook: Arc::clone(&playbook),
             span: Span::none(),
+            ahead: false,
         };
         self.finish_reported(in_flight, result);
     }
@@ -1362,12 +1412,15 @@ impl Engine {
         }
         let now = now_ms();
         for (run_id, f) in held {
+            if f.ahead {
+                self.revoke(&run_id, &f);
+            }
             let completion = Completion {
                 run_id,
                 fence: f.fence,
                 op: Op::Retry {
                     index: f.step_index,
-                    due_ms: now,
+                    due_ms: now.max(f.due_ms),
                     attempt: f.attempt,
                 },
                 detail: "handed back when the scheduler stopped".to_owned(),
@@ -1418,21 +1471,21 @@ impl Engine {
             for f in map.values_mut() {
                 if f.worker_id == worker_id && f.connection != connection {
                     if f.connection != DETACHED {
-                        earlier.push((f.connection, f.channel.clone()));
+                        earlier.push((f.connection, f.channel.clone(), f.ahead));
                     }
                     f.connection = connection;
-                    taken.push(f.channel.clone());
+                    taken.push((f.channel.clone(), f.ahead));
                 }
             }
         }
-        for (old, channel) in earlier {
-            self.workers.release(old, &channel);
+        for (old, channel, ahead) in earlier {
+            self.workers.release(old, &channel, ahead);
         }
         for old in self.workers.other_connections(worker_id, connection) {
             self.workers.mark_unresponsive(old);
         }
-        for channel in &taken {
-            self.workers.hold(connection, channel);
+        for (channel, ahead) in &taken {
+            self.workers.hold(connection, channel, *ahead);
         }
         if !taken.is_empty() {
             info!(worker = %worker_id, steps = taken.len(), "worker re-attached; the steps it held are its again");
@@ -1755,5 +1808,6 @@ fn build_task(
         deadline_ms,
         step_deadline_ms,
         resume_state: run.resume_state.clone(),
+        delay_ms: 0,
     }
 }

@@ -64,6 +64,16 @@ impl PlaybookCache {
         Ok(loaded)
     }
 
+    /// Every version loaded so far, with its playbook's name.
+    pub(crate) async fn loaded(&self) -> Vec<(String, Arc<LoadedPlaybook>)> {
+        self.versions
+            .read()
+            .await
+            .iter()
+            .map(|((name, _), loaded)| (name.clone(), Arc::clone(loaded)))
+            .collect()
+    }
+
     /// The latest version of a playbook.
     pub(crate) async fn latest(
         &self,

@@ -2,7 +2,9 @@
 //! sender of its stream. Tasks go to the least-loaded worker serving their channel, and
 //! never beyond the capacity it announced, in all and per channel (credit-based flow
 //! control), so a channel whose provider hangs fills only its own slots. Workers also
-//! announce their channels' rate limits; see [`Workers::channel_rate`].
+//! announce their channels' rate limits; see [`Workers::channel_rate`]. Steps handed
+//! out ahead of their due time count apart, against what each worker said it holds
+//! ahead (`Hello.hold_ahead`).
 
 use std::{collections::HashMap, sync::Mutex};
 
@@ -25,6 +27,9 @@ struct Worker {
     channels: HashMap<String, Slots>,
     capacity: u32,
     in_flight: u32,
+    /// Most steps handed out ahead it holds, and how many it holds.
+    hold_ahead: u32,
+    ahead: u32,
     /// Lost a lease without reporting or heartbeating (hung, or frozen): gets no new
     /// tasks until it says anything again.
     unresponsive: bool,
@@ -107,12 +112,13 @@ impl Workers {
     }
 
     /// Adds a worker that said Hello: `capacity` tasks at most in all, and on each of
-    /// `channels` at most its `channel_capacity` (`capacity` when it gives none).
+    /// `channels` at most its `channel_capacity` (`capacity` when it gives none); and
+    /// besides them `hold_ahead` steps handed out ahead.
     pub(crate) fn register(
         &self,
         worker_id: String,
         channels: Vec<String>,
-        capacity: u32,
+        (capacity, hold_ahead): (u32, u32),
         channel_capacity: &HashMap<String, u32>,
         sender: WorkerSender,
     ) -> ConnectionId {
@@ -143,6 +149,8 @@ impl Workers {
                 channels,
                 capacity,
                 in_flight: 0,
+                hold_ahead,
+                ahead: 0,
                 unresponsive: false,
                 retry: HashMap::new(),
                 rate: HashMap::new(),
@@ -231,6 +239,52 @@ impl Workers {
         Ok((*id, worker.worker_id.clone(), worker.sender.clone()))
     }
 
+    /// Reserves room for a step handed out ahead on the worker serving `channel` that
+    /// holds the fewest.
+    pub(crate) fn reserve_ahead(
+        &self,
+        channel: &str,
+    ) -> Option<(ConnectionId, String, WorkerSender)> {
+        let mut registry = self.registry();
+        let (id, worker) = registry
+            .workers
+            .iter_mut()
+            .filter(|(_, w)| {
+                !w.unresponsive && w.ahead < w.hold_ahead && w.channels.contains_key(channel)
+            })
+            .min_by_key(|(_, w)| w.ahead)?;
+        worker.ahead += 1;
+        Some((*id, worker.worker_id.clone(), worker.sender.clone()))
+    }
+
+    /// Room for steps handed out ahead over all workers serving `channel`.
+    pub(crate) fn free_ahead(&self, channel: &str) -> u32 {
+        self.registry()
+            .workers
+            .values()
+            .filter(|w| !w.unresponsive && w.channels.contains_key(channel))
+            .map(|w| w.hold_ahead.saturating_sub(w.ahead))
+            .fold(0, u32::saturating_add)
+    }
+
+    /// Room for steps handed out ahead over all workers.
+    pub(crate) fn free_ahead_total(&self) -> u32 {
+        self.registry()
+            .workers
+            .values()
+            .filter(|w| !w.unresponsive)
+            .map(|w| w.hold_ahead.saturating_sub(w.ahead))
+            .fold(0, u32::saturating_add)
+    }
+
+    /// The sender of `connection`'s stream, while it is open.
+    pub(crate) fn sender(&self, connection: ConnectionId) -> Option<WorkerSender> {
+        self.registry()
+            .workers
+            .get(&connection)
+            .map(|w| w.sender.clone())
+    }
+
     /// A step this worker held went to another attempt because its lease expired: the
     /// worker neither reported nor heartbeated in time, so it gets no new tasks for now.
     pub(crate) fn mark_unresponsive(&self, connection: ConnectionId) {
@@ -246,18 +300,28 @@ impl Workers {
         }
     }
 
-    /// Gives back a slot of `channel` reserved with [`Self::reserve`].
-    pub(crate) fn release(&self, connection: ConnectionId, channel: &str) {
+    /// Gives back a slot of `channel` reserved with [`Self::reserve`], or with `ahead`,
+    /// the room reserved with [`Self::reserve_ahead`].
+    pub(crate) fn release(&self, connection: ConnectionId, channel: &str, ahead: bool) {
         if let Some(worker) = self.registry().workers.get_mut(&connection) {
-            worker.give_back(channel);
+            if ahead {
+                worker.ahead = worker.ahead.saturating_sub(1);
+            } else {
+                worker.give_back(channel);
+            }
         }
     }
 
-    /// Counts one more task of `channel` as held by `connection` (a step it took over
-    /// from an earlier stream of the same worker); it is given back with [`Self::release`].
-    pub(crate) fn hold(&self, connection: ConnectionId, channel: &str) {
+    /// Counts one more task of `channel` (`ahead`: handed out ahead) as held by
+    /// `connection` (a step it took over from an earlier stream of the same worker); it
+    /// is given back with [`Self::release`].
+    pub(crate) fn hold(&self, connection: ConnectionId, channel: &str, ahead: bool) {
         if let Some(worker) = self.registry().workers.get_mut(&connection) {
-            worker.take(channel, 1);
+            if ahead {
+                worker.ahead += 1;
+            } else {
+                worker.take(channel, 1);
+            }
         }
     }
 
@@ -321,7 +385,7 @@ mod tests {
             workers.register(
                 id.to_owned(),
                 vec!["sms".to_owned()],
-                4,
+                (4, 0),
                 &HashMap::new(),
                 sender,
             )
@@ -346,7 +410,7 @@ mod tests {
         let (sender, _receiver) = mpsc::channel(1);
         let per_channel = HashMap::from([("slow".to_owned(), 2), ("fast".to_owned(), 2)]);
         let channels = vec!["slow".to_owned(), "fast".to_owned()];
-        let worker = workers.register("w".to_owned(), channels, 4, &per_channel, sender);
+        let worker = workers.register("w".to_owned(), channels, (4, 0), &per_channel, sender);
         assert_eq!(workers.free_capacity(), 4);
         for _ in 0..2 {
             assert!(workers.reserve("slow").is_ok());
@@ -354,7 +418,7 @@ mod tests {
         assert_eq!(workers.reserve("slow").err(), Some(NoWorker::AllBusy));
         assert_eq!(workers.free_capacity(), 2);
         assert!(workers.reserve("fast").is_ok());
-        workers.release(worker, "slow");
+        workers.release(worker, "slow", false);
         assert!(workers.reserve("slow").is_ok());
         assert_eq!(workers.reserve("other").err(), Some(NoWorker::ForChannel));
     }
@@ -364,7 +428,7 @@ mod tests {
         let workers = Workers::default();
         let (sender, _receiver) = mpsc::channel(1);
         let channels = vec!["a".to_owned(), "b".to_owned()];
-        workers.register("w".to_owned(), channels, 2, &HashMap::new(), sender);
+        workers.register("w".to_owned(), channels, (2, 0), &HashMap::new(), sender);
         assert!(workers.reserve("a").is_ok());
         assert!(workers.reserve("b").is_ok());
         assert_eq!(workers.reserve("a").err(), Some(NoWorker::AllBusy));

@@ -69,6 +69,10 @@ const SCRIPTS: &[(&str, &str)] = &[
         include_str!("../../scheduler/src/store/lua/extend.lua"),
     ),
     (
+        "moved_on",
+        include_str!("../../scheduler/src/store/lua/moved_on.lua"),
+    ),
+    (
         "progress",
         include_str!("../../scheduler/src/store/lua/progress.lua"),
     ),
@@ -205,7 +209,9 @@ fn keys_of(words: &[String]) -> Vec<&str> {
 async fn no_script_touches_two_slots() {
     // MONITOR watches one server; on a cluster, Redis itself refuses a cross-slot script.
     let redis = TestRedis::Server(RedisServer::start());
-    let mut stack = Stack::start_on(redis, NODE, &["--lease", "2s"], &[]).await;
+    // Sends after a wait are handed out ahead (claim.lua with a horizon, moved_on.lua).
+    let flags = ["--lease", "2s", "--hand-out-ahead", "1s"];
+    let mut stack = Stack::start_on(redis, NODE, &flags, &[]).await;
     let monitor = Monitor::start(stack.redis.server().port());
     // One delivery fails for good (a dead letter to retry), one is rate-limited (the
     // channel's bucket is penalized), one takes long enough to be heartbeated (its
@@ -245,7 +251,8 @@ async fn no_script_touches_two_slots() {
         "name: every-second\nschedule: {cron: \"* * * * * *\", tz: UTC, audience: {tags: [paid]}}\n\
          steps:\n  - {id: ping, action: send_message, channel: crm}\n",
         "name: plain\nsteps:\n  - {id: one, action: send_message, channel: crm}\n  \
-         - {id: pause, wait: 2s}\n  - {id: two, action: send_message, channel: sms}\n",
+         - {id: pause, wait: 2s}\n  - {id: two, action: send_message, channel: sms}\n  \
+         - {id: later, wait: 2s}\n  - {id: three, action: send_message, channel: crm}\n",
     ] {
         stack.apply(yaml).await;
     }

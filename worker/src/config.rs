@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
+use touchpoint_proto::MAX_HOLD_AHEAD;
 use touchpoint_proto::security::{BearerToken, ClientTls};
 
 use crate::channel::webhook;
@@ -15,6 +16,9 @@ use crate::channel::{grpc, sms, smtp};
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 /// Deliveries in flight at once on each channel when the file does not say.
 pub const DEFAULT_CONCURRENCY: u32 = 256;
+/// Tasks handed out ahead of their due time a worker keeps waiting by default (a few
+/// KiB each at most).
+pub const DEFAULT_HOLD_AHEAD: u32 = 20_000;
 
 /// A worker's configuration: the scheduler to attach to and the channels to serve.
 #[derive(Debug, Clone)]
@@ -29,6 +33,9 @@ pub struct WorkerConfig {
     pub token: Option<BearerToken>,
     /// How to check an `https://` scheduler and, for mutual TLS, the client certificate.
     pub tls: ClientTls,
+    /// Most tasks handed out ahead of their due time (`--hand-out-ahead` on the
+    /// scheduler) kept waiting at once (`hold_ahead`; 0 turns it off for this worker).
+    pub hold_ahead: u32,
 }
 
 /// One `[[channel]]` table.
@@ -176,6 +183,7 @@ impl WorkerConfig {
                 .collect(),
             token: None,
             tls: ClientTls::default(),
+            hold_ahead: DEFAULT_HOLD_AHEAD,
         }
     }
 
@@ -197,6 +205,7 @@ struct RawConfig {
     server: Option<String>,
     concurrency: Option<u32>,
     worker_id: Option<String>,
+    hold_ahead: Option<u32>,
     #[serde(default)]
     channel: Vec<RawChannel>,
 }
@@ -327,12 +336,20 @@ impl RawConfig {
             }
             channels.push(channel);
         }
+        let hold_ahead = self.hold_ahead.unwrap_or(DEFAULT_HOLD_AHEAD);
+        if hold_ahead > MAX_HOLD_AHEAD {
+            return Err(Error::field(
+                "hold_ahead",
+                format!("expected at most {MAX_HOLD_AHEAD}, got {hold_ahead}"),
+            ));
+        }
         Ok(WorkerConfig {
             server,
             worker_id: self.worker_id,
             channels,
             token: None,
             tls: ClientTls::default(),
+            hold_ahead,
         })
     }
 }

@@ -15,6 +15,11 @@
 //! `outbox`); while it holds Tasks the worker sends Heartbeats that keep their leases
 //! (see `heartbeat`). Deliveries outlive the stream they came on. Prost types stop here:
 //! adapters see [`Delivery`].
+//!
+//! A task handed out ahead of its due time (`delay_ms`, at most `hold_ahead` of them)
+//! waits here, unheartbeated, and starts when the delay is over, unless a `Revoke`
+//! drops it first; a worker that stops meanwhile hands it back (a retryable result
+//! before its due time, which the scheduler takes as "never started").
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,7 +49,7 @@ use tracing::{Instrument as _, debug, error, field::Empty, info, info_span, warn
 
 use crate::channel::{self, Contact, Delivered, Delivery, Progress, Registry};
 use crate::config::{ChannelRetry, WorkerConfig};
-use crate::heartbeat::{self, HeldTasks, Hold};
+use crate::heartbeat::{self, HeldTasks};
 use crate::outbox::{Outbox, StreamId};
 
 /// How long one connection attempt may take.
@@ -79,6 +84,9 @@ pub(crate) struct Link {
     held: HeldTasks,
     /// Results go out through it; it keeps them while no stream is open.
     outbox: Outbox,
+    /// Tasks handed out ahead, waiting for their due time: (run id, fencing token) →
+    /// what drops them on a `Revoke`.
+    waiting: Arc<Mutex<HashMap<(String, u64), CancellationToken>>>,
     /// The scheduler each open stream is attached to: scheduler id → (stream, the
     /// token that stops its attach loop).
     attached: Mutex<HashMap<String, (StreamId, CancellationToken)>>,
@@ -99,6 +107,8 @@ enum Received {
     Task(Box<Task>, StreamId),
     /// The live schedulers, as one of them sees them.
     Peers(Vec<Peer>),
+    /// Drop a task handed out ahead that has not started.
+    Revoke(pb::Revoke),
 }
 
 /// An attach loop to a scheduler learned from `Peers`.
@@ -156,6 +166,7 @@ impl Link {
                     Some((c.name.clone(), limit))
                 })
                 .collect::<HashMap<_, _>>(),
+            hold_ahead: config.hold_ahead,
         };
         Ok(Self {
             seed: config.server.clone(),
@@ -173,6 +184,7 @@ impl Link {
                 .collect(),
             held: HeldTasks::default(),
             outbox: Outbox::default(),
+            waiting: Arc::default(),
             attached: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(SEED + 1),
         })
@@ -214,8 +226,14 @@ impl Link {
                 () = shutdown.cancelled() => break,
                 Some(received) = incoming.recv() => match received {
                     Received::Task(task, stream) => {
-                        let hold = link.held.hold(&task, stream);
-                        link.start(*task, stream, hold, &mut deliveries);
+                        link.start(*task, stream, &shutdown, &mut deliveries);
+                    }
+                    Received::Revoke(revoke) => {
+                        let key = (revoke.run_id, revoke.fencing_token);
+                        if let Some(waiting) = lock(&link.waiting).remove(&key) {
+                            debug!(run_id = %key.0, "task revoked before its due time");
+                            waiting.cancel();
+                        }
                     }
                     Received::Peers(listed) => {
                         for peer in listed {
@@ -470,6 +488,9 @@ impl Link {
                 Ok(Some(SchedulerMessage {
                     kind: Some(scheduler_message::Kind::Peers(peers)),
                 })) => Received::Peers(peers.peers),
+                Ok(Some(SchedulerMessage {
+                    kind: Some(scheduler_message::Kind::Revoke(revoke)),
+                })) => Received::Revoke(revoke),
                 Ok(Some(_)) => {
                     debug!("ignoring an unexpected scheduler message");
                     continue;
@@ -485,9 +506,17 @@ impl Link {
 
     /// Runs one task, which came on `stream`, in its own tokio task and hands its result
     /// to the outbox (sent on that stream or another open one, or kept for the next
-    /// one); the task is heartbeated until then (`hold` is dropped once the result is
-    /// handed over).
-    fn start(&self, mut task: Task, stream: StreamId, hold: Hold, deliveries: &mut JoinSet<()>) {
+    /// one); the task is heartbeated from when it may start until then. A task handed
+    /// out ahead first waits out its `delay_ms` (see the module doc).
+    fn start(
+        &self,
+        mut task: Task,
+        stream: StreamId,
+        shutdown: &CancellationToken,
+        deliveries: &mut JoinSet<()>,
+    ) {
+        let ahead = self.wait_ahead(&task, stream, shutdown);
+        let hold = ahead.is_none().then(|| self.held.hold(&task, stream));
         let span = info_span!(
             "deliver",
             otel.name = %format!("process {}", task.channel),
@@ -515,8 +544,17 @@ impl Link {
         let adapter = self.registry.get(&task.channel).cloned();
         let slots = self.slots.get(&task.channel).cloned();
         let outbox = self.outbox.clone();
+        let held = self.held.clone();
         let delivery = async move {
-            let _hold = hold;
+            let _hold = match ahead {
+                None => hold,
+                Some(ahead) => {
+                    if !ahead.wait().await {
+                        return;
+                    }
+                    Some(held.hold(&task, stream))
+                }
+            };
             // The semaphores are never closed, so this only waits for a free slot. A
             // channel this worker does not serve has none: it fails at once below.
             let _slot = match slots {
@@ -570,6 +608,70 @@ impl Link {
             outbox.send(task_result(run_id, fencing_token, &outcome), stream);
         };
         deliveries.spawn(delivery.instrument(span));
+    }
+}
+
+/// A task handed out ahead, waiting for its due time.
+struct Ahead {
+    until: Instant,
+    key: (String, u64),
+    revoked: CancellationToken,
+    shutdown: CancellationToken,
+    waiting: Arc<Mutex<HashMap<(String, u64), CancellationToken>>>,
+    outbox: Outbox,
+    stream: StreamId,
+}
+
+impl Ahead {
+    /// Waits until the task is due: `true` then, `false` when it was revoked or handed
+    /// back because the worker stops.
+    async fn wait(self) -> bool {
+        let started = tokio::select! {
+            () = tokio::time::sleep_until(self.until) => true,
+            () = self.revoked.cancelled() => return false,
+            () = self.shutdown.cancelled() => false,
+        };
+        lock(&self.waiting).remove(&self.key);
+        if !started {
+            let left = self.until.saturating_duration_since(Instant::now());
+            let (run_id, fencing_token) = self.key;
+            let result = TaskResult {
+                run_id,
+                fencing_token,
+                outcome: Outcome::Retryable.into(),
+                detail: "the worker stopped before the step was due".to_owned(),
+                retry_after_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+                rate_limited: false,
+            };
+            self.outbox.send(result, self.stream);
+        }
+        started
+    }
+}
+
+impl Link {
+    /// For a task handed out ahead (`delay_ms` > 0): registers it as waiting.
+    fn wait_ahead(
+        &self,
+        task: &Task,
+        stream: StreamId,
+        shutdown: &CancellationToken,
+    ) -> Option<Ahead> {
+        if task.delay_ms == 0 {
+            return None;
+        }
+        let key = (task.run_id.clone(), task.fencing_token);
+        let revoked = CancellationToken::new();
+        lock(&self.waiting).insert(key.clone(), revoked.clone());
+        Some(Ahead {
+            until: Instant::now() + Duration::from_millis(task.delay_ms),
+            key,
+            revoked,
+            shutdown: shutdown.clone(),
+            waiting: Arc::clone(&self.waiting),
+            outbox: self.outbox.clone(),
+            stream,
+        })
     }
 }
 
@@ -882,6 +984,7 @@ mod tests {
             deadline_ms: 1_700_000_000_000,
             step_deadline_ms: 1_700_000_020_000,
             resume_state: "msgid-1".to_owned(),
+            delay_ms: 0,
         }
     }
 

@@ -40,6 +40,7 @@ fn task(run_id: &str, channel: &str) -> Result<SchedulerMessage, Status> {
             deadline_ms: 0,
             step_deadline_ms: 0,
             resume_state: String::new(),
+            delay_ms: 0,
         })),
     })
 }
@@ -213,4 +214,88 @@ async fn a_server_address_that_is_not_a_url_is_refused() {
         error.to_string().contains("invalid server address"),
         "{error}"
     );
+}
+
+fn ahead(run_id: &str, delay_ms: u64) -> Result<SchedulerMessage, Status> {
+    let mut message = task(run_id, "console")?;
+    if let Some(scheduler_message::Kind::Task(task)) = &mut message.kind {
+        task.delay_ms = delay_ms;
+    }
+    Ok(message)
+}
+
+/// A task handed out ahead waits for its delay (a task due now does not wait behind
+/// it), and one revoked before then is dropped without a result.
+#[tokio::test]
+async fn a_task_handed_out_ahead_waits_for_its_time_unless_revoked() {
+    let (mut scheduler, server) = Scheduler::start().await;
+    let worker = Worker::start(WorkerConfig::console(&server, &["console"]));
+    let (hello, outbox) = scheduler.attached().await;
+    assert_eq!(
+        hello.hold_ahead,
+        touchpoint_worker::config::DEFAULT_HOLD_AHEAD
+    );
+
+    let sent = std::time::Instant::now();
+    outbox.send(ahead("later", 800)).unwrap();
+    outbox.send(ahead("revoked", 800)).unwrap();
+    outbox.send(task("now", "console")).unwrap();
+    outbox
+        .send(Ok(SchedulerMessage {
+            kind: Some(scheduler_message::Kind::Revoke(
+                touchpoint_proto::v1::Revoke {
+                    run_id: "revoked".to_owned(),
+                    fencing_token: 42,
+                },
+            )),
+        }))
+        .unwrap();
+
+    assert_eq!(scheduler.result().await.run_id, "now");
+    let later = scheduler.result().await;
+    assert_eq!(
+        (later.run_id.as_str(), later.outcome()),
+        ("later", Outcome::Ok)
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_millis(800),
+        "delivered {:?} after it was sent, before its delay",
+        sent.elapsed()
+    );
+    let more = tokio::time::timeout(Duration::from_secs(1), scheduler.result()).await;
+    assert!(more.is_err(), "the revoked task was delivered: {more:?}");
+
+    worker.stop().await;
+}
+
+/// A worker that stops while it holds a task ahead hands it back unstarted: retryable
+/// after the rest of its delay (the scheduler takes that as never started).
+#[tokio::test]
+async fn a_stopping_worker_hands_back_what_it_holds_ahead() {
+    let (mut scheduler, server) = Scheduler::start().await;
+    let worker = Worker::start(WorkerConfig::console(&server, &["console"]));
+    let (_, outbox) = scheduler.attached().await;
+
+    outbox.send(ahead("held", 10_000)).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = tokio::spawn(worker.stop());
+    let result = scheduler.result().await;
+    assert_eq!(
+        (
+            result.run_id.as_str(),
+            result.outcome(),
+            result.detail.as_str()
+        ),
+        (
+            "held",
+            Outcome::Retryable,
+            "the worker stopped before the step was due"
+        )
+    );
+    assert!(
+        (8_000..10_000).contains(&result.retry_after_ms),
+        "retry after {} ms, expected the rest of the delay",
+        result.retry_after_ms
+    );
+    within(stopping).await.unwrap();
 }

@@ -6,11 +6,11 @@ use futures::{Stream, StreamExt as _};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use touchpoint_proto::MAX_WORKER_CAPACITY;
 use touchpoint_proto::v1::{
     Peer, Peers, RateLimit, RetryDefaults, SchedulerMessage, Welcome, WorkerMessage,
     scheduler_message, worker_message, worker_service_server::WorkerService,
 };
+use touchpoint_proto::{MAX_HOLD_AHEAD, MAX_WORKER_CAPACITY};
 use tracing::{info, warn};
 
 use super::status::invalid_field;
@@ -98,7 +98,10 @@ impl WorkerService for WorkerApi {
                 "expected at least 1",
             ));
         }
-        let capacity = usize::try_from(hello.capacity).unwrap_or(1);
+        let hold_ahead = hello.hold_ahead.min(MAX_HOLD_AHEAD);
+        // Room for every task the worker may hold, and as many revokes.
+        let capacity = usize::try_from(hello.capacity.saturating_add(hold_ahead.saturating_mul(2)))
+            .unwrap_or(1);
         // Room for every task the worker may hold.
         let (sender, receiver) = mpsc::channel(capacity);
         let welcome = SchedulerMessage {
@@ -113,7 +116,7 @@ impl WorkerService for WorkerApi {
         let connection = self.engine.workers().register(
             hello.worker_id,
             hello.channels,
-            hello.capacity,
+            (hello.capacity, hold_ahead),
             &hello.channel_capacity,
             sender,
         );

@@ -69,6 +69,7 @@ struct Scripts {
     claim: Script,
     complete: Script,
     extend: Script,
+    moved_on: Script,
     cancel: Script,
     retry_dead: Script,
     event: Script,
@@ -90,6 +91,7 @@ impl Scripts {
             claim: with_counts(include_str!("lua/claim.lua")),
             complete: with_counts(include_str!("lua/complete.lua")),
             extend: Script::new(include_str!("lua/extend.lua")),
+            moved_on: Script::new(include_str!("lua/moved_on.lua")),
             cancel: Script::new(include_str!("lua/cancel.lua")),
             retry_dead: Script::new(include_str!("lua/retry_dead.lua")),
             event: Script::new(include_str!("lua/event.lua")),
@@ -683,6 +685,40 @@ impl Store {
         limit: usize,
         lease_ms: u64,
     ) -> Result<Claim> {
+        self.claim_until(partition, now_ms, None, limit, lease_ms)
+            .await
+    }
+
+    /// Claims, to hand out ahead, up to `limit` runs of `partition` due after `now_ms`
+    /// and by `horizon_ms` whose step at that time is one of `eligible` (each "<playbook>
+    /// <version> <step index>"); each run's lease lasts until `lease_ms` after its due
+    /// time. Expired leases are left to [`Store::claim`].
+    pub async fn claim_ahead(
+        &self,
+        partition: u16,
+        now_ms: i64,
+        (horizon_ms, eligible): (i64, &[String]),
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Claim> {
+        self.claim_until(
+            partition,
+            now_ms,
+            Some((horizon_ms, eligible)),
+            limit,
+            lease_ms,
+        )
+        .await
+    }
+
+    async fn claim_until(
+        &self,
+        partition: u16,
+        now_ms: i64,
+        ahead: Option<(i64, &[String])>,
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Claim> {
         let mut conn = self.conn.clone();
         let mut invocation = self.scripts.claim.prepare_invoke();
         invocation
@@ -694,6 +730,9 @@ impl Store {
             .arg(self.keys.run_prefix(partition))
             .arg(self.keys.contact_prefix(partition))
             .arg(self.keys.stats_prefix(partition));
+        if let Some((horizon_ms, eligible)) = ahead {
+            invocation.arg(horizon_ms).arg(eligible);
+        }
         let value: redis::Value = timed("claim", invocation.invoke_async(&mut conn)).await?;
         parse_claim(partition, value)
     }
@@ -832,6 +871,23 @@ impl Store {
         }
         let extended: Vec<String> = timed("extend", invocation.invoke_async(&mut conn)).await?;
         Ok(extended)
+    }
+
+    /// Of `tasks` (run id, fencing token) of `partition`, the runs that no longer hold
+    /// the lease of that token: finished, cancelled, converted, or on another attempt.
+    pub async fn moved_on(&self, partition: u16, tasks: &[(String, u64)]) -> Result<Vec<String>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let mut invocation = self.scripts.moved_on.prepare_invoke();
+        invocation
+            .key(self.keys.lease(partition))
+            .arg(self.keys.run_prefix(partition));
+        for (run_id, fence) in tasks {
+            invocation.arg(run_id).arg(*fence);
+        }
+        Ok(timed("moved_on", invocation.invoke_async(&mut conn)).await?)
     }
 
     /// Records a worker's progress on a leased step (TaskProgress): `detail` as the run's

@@ -59,6 +59,10 @@ struct Args {
     /// The worker's concurrency on the bench channel.
     #[arg(long, default_value_t = 512)]
     concurrency: u32,
+    /// The scheduler's `--hand-out-ahead` (e.g. `5s`): sends due within it are handed
+    /// to the worker before their due time (the worker holds up to `--contacts` of them).
+    #[arg(long, default_value = "0s")]
+    hand_out_ahead: String,
     /// Concurrent EnrollBatch calls.
     #[arg(long, default_value_t = 4)]
     enrollers: usize,
@@ -208,6 +212,7 @@ async fn burst(args: &Args, bench: &Bench, redis: &Redis) -> anyhow::Result<serd
         "top_cmds_per_step": after.top_commands_since(&before, contacts),
         "partitions": args.partitions,
         "claim_batch": args.claim_batch,
+        "hand_out_ahead": args.hand_out_ahead,
     }))
 }
 
@@ -286,6 +291,8 @@ impl Bench {
             &args.claim_batch.to_string(),
             "--scheduler-id",
             "bench",
+            "--hand-out-ahead",
+            &args.hand_out_ahead,
         ])?;
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -303,6 +310,9 @@ impl Bench {
         for channel in &mut config.channels {
             channel.concurrency = args.concurrency;
         }
+        config.hold_ahead = u32::try_from(args.contacts.unwrap_or(100_000))
+            .unwrap_or(u32::MAX)
+            .min(touchpoint_proto::MAX_HOLD_AHEAD);
         let mut registry = Registry::from_config(&config.channels)?;
         let recorder = Arc::new(Recorder::default());
         registry.insert(CHANNEL, Arc::clone(&recorder) as Arc<dyn ChannelAdapter>);

@@ -7,9 +7,13 @@
 -- A run at the end of a wait whose next step is due at once (`wn` = "<wait index> <next
 -- index>", written when the wait began) is moved straight on: the wait recorded done in
 -- its timeline and funnel, the run claimed at the next step, in this one call.
+-- Ahead (ARGV[7] later than now): claims instead the runs due after now and by then
+-- whose step at that time is one of the eligible ones (ARGV[8..], "<playbook> <version>
+-- <index>"), the others left due; their lease runs until a lease after their due time,
+-- and their wait ends at its due time.
 -- KEYS[1] due set, KEYS[2] lease set
 -- ARGV[1] now ms, ARGV[2] limit, ARGV[3] lease ms, ARGV[4] run key prefix, ARGV[5] contact key
--- prefix, ARGV[6] stats prefix
+-- prefix, ARGV[6] stats prefix, ARGV[7] horizon ms (optional), ARGV[8..] eligible steps
 -- Returns {claimed, expired count, next due ms or '', next lease deadline or ''};
 -- each claimed entry is {run id, fence, playbook, version, contact id, step index,
 -- attempt, traceparent, due ms, contact field/value list, {waiting step ('ws': the
@@ -17,10 +21,19 @@
 -- resume state ('rs': what an earlier attempt of the step saved with TaskProgress, or '')}}.
 local now = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
-local deadline = now + tonumber(ARGV[3])
+local lease = tonumber(ARGV[3])
 local runs = ARGV[4]
+local horizon = tonumber(ARGV[7] or ARGV[1])
+local ahead = horizon > now
+local eligible = {}
+for n = 8, #ARGV do
+  eligible[ARGV[n]] = true
+end
 
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+local expired = {}
+if not ahead then
+  expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+end
 for _, id in ipairs(expired) do
   if redis.call('EXISTS', runs .. id) == 1 then
     redis.call('ZADD', KEYS[1], now, id)
@@ -33,32 +46,53 @@ if #expired > 0 then
   redis.call('ZREM', KEYS[2], unpack(expired))
 end
 
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+local due
+if ahead then
+  -- Ineligible runs stay due: look a few batches deep past them.
+  due = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, horizon, 'WITHSCORES', 'LIMIT', 0, limit * 4)
+else
+  due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, limit)
+end
+local ids = {}
 local claimed = {}
 local leased = {}
-for _, id in ipairs(ids) do
+for n = 1, #due, 2 do
+  if #claimed >= limit then
+    break
+  end
+  local id = due[n]
+  local at = math.max(tonumber(due[n + 1]), now)
   local key = runs .. id
   local run = redis.call('HMGET', key, 'st', 'pb', 'v', 'c', 'i', 'a', 'tp', 'due', 'ws', 'ca', 'ev', 'rs', 'f', 'wn')
+  -- The wait this run ends and the step it moves on to, if it does (see above).
+  local wait, next_index
   if run[1] == 'active' and run[14] then
     local space = string.find(run[14], ' ', 1, true)
     -- (Runs only move forward, so once the run has left the wait its `wn` names a step
     -- it is not at: kept, and ignored.)
     if space and string.sub(run[14], 1, space - 1) == run[5] then
-      local wait, next_index = run[5], string.sub(run[14], space + 1)
-      local line = '{"i":' .. wait .. ',"s":"done","a":0,"due":' .. (run[8] or ARGV[1]) ..
-        ',"at":' .. ARGV[1] .. '}'
-      local timeline = redis.call('HGET', key, 't')
-      timeline = timeline and (timeline .. '\n' .. line) or line
-      redis.call('HSET', key, 'i', next_index, 'a', 1, 'ua', ARGV[1], 'd', '', 't', timeline)
-      local stats = ARGV[6] .. run[2] .. ':' .. run[3]
-      count(stats, wait .. ':done')
-      count(stats, next_index .. ':in')
-      run[5], run[6] = next_index, '1'
+      wait, next_index = run[5], string.sub(run[14], space + 1)
     end
   end
-  if run[1] == 'active' then
+  local take = run[1] ~= 'active' or not ahead or
+    eligible[run[2] .. ' ' .. run[3] .. ' ' .. (next_index or run[5])]
+  if take then
+    ids[#ids + 1] = id
+  end
+  if take and wait then
+    local line = '{"i":' .. wait .. ',"s":"done","a":0,"due":' .. (run[8] or at) ..
+      ',"at":' .. at .. '}'
+    local timeline = redis.call('HGET', key, 't')
+    timeline = timeline and (timeline .. '\n' .. line) or line
+    redis.call('HSET', key, 'i', next_index, 'a', 1, 'ua', at, 'd', '', 't', timeline)
+    local stats = ARGV[6] .. run[2] .. ':' .. run[3]
+    count(stats, wait .. ':done')
+    count(stats, next_index .. ':in')
+    run[5], run[6] = next_index, '1'
+  end
+  if take and run[1] == 'active' then
     local fence = tonumber(run[13] or '1')
-    leased[#leased + 1] = deadline
+    leased[#leased + 1] = at + lease
     leased[#leased + 1] = id
     local contact = redis.call('HGETALL', ARGV[5] .. run[4])
     claimed[#claimed + 1] = {id, fence, run[2], run[3], run[4], run[5], run[6], run[7], run[8], contact,

@@ -1,0 +1,170 @@
+//! `--hand-out-ahead`: sends due within the window are handed to workers before their
+//! due time and go out at it, never before; a run cancelled meanwhile is revoked; a
+//! worker that dies holding them loses nothing.
+
+use std::time::{Duration, Instant};
+
+use touchpoint_proto::v1::{CancelRunRequest, RunStatus, StepStatus};
+use touchpoint_tests::{Stack, contact, request_id, run_summary, stays};
+
+const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the runs wait before their send: longer than the window, so the send is
+/// handed out ahead some time after enrollment.
+const WAIT: Duration = Duration::from_secs(5);
+const PLAYBOOK: &str = "
+name: at-five
+steps:
+  - {id: pause, wait: 5s}
+  - {id: greet, action: send_message, channel: wecom}
+";
+
+async fn start(flags: &[&str]) -> Stack {
+    let mut args = vec!["--hand-out-ahead", "3s"];
+    args.extend_from_slice(flags);
+    let mut stack = Stack::start(NODE, &args, &["wecom"]).await;
+    stack.apply(PLAYBOOK).await;
+    stack
+}
+
+/// Enrolls `count` contacts; returns their run ids and a moment before any was enrolled.
+async fn enroll(stack: &mut Stack, count: usize) -> (Vec<String>, Instant) {
+    let before = Instant::now();
+    let mut runs = Vec::new();
+    for n in 0..count {
+        let c = contact(&format!("c-{n}"), &[], &[]);
+        runs.push(stack.enroll("at-five", c, &request_id()).await.run_id);
+    }
+    (runs, before)
+}
+
+/// Four seconds in (after the hand-out at about two, before the due time at five), every
+/// send is with the worker, none delivered; each reaches the receiver once, not before
+/// its due time, at its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_handed_out_ahead_go_out_at_their_due_time() {
+    let mut stack = start(&[]).await;
+    let (runs, before) = enroll(&mut stack, 5).await;
+    tokio::time::sleep_until((before + Duration::from_secs(4)).into()).await;
+    for run_id in &runs {
+        let run = stack.client.run(run_id).await;
+        assert_eq!(
+            run.steps[1].status(),
+            StepStatus::InFlight,
+            "not handed out ahead:\n{}",
+            run_summary(&run)
+        );
+    }
+    assert_eq!(stack.receiver.count(), 0, "{}", stack.receiver.summary());
+
+    let requests = stack.receiver.wait_for(runs.len(), TIMEOUT).await;
+    for request in &requests {
+        assert!(
+            request.received_at >= before + WAIT,
+            "delivered {:?} after enrollment began, before its due time:\n{}",
+            request.received_at - before,
+            stack.receiver.summary()
+        );
+        assert_eq!((request.step(), request.attempt()), ("greet", 1));
+    }
+    for run_id in &runs {
+        let done = stack
+            .client
+            .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)
+            .await;
+        assert_eq!(done.steps[1].attempts, 1, "{}", run_summary(&done));
+    }
+    assert_eq!(stack.receiver.count(), runs.len());
+}
+
+/// A run cancelled after its send was handed out ahead, before the last check, is
+/// revoked on the worker: nothing goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cancelled_before_its_due_time_is_revoked() {
+    let mut stack = start(&[]).await;
+    let (runs, before) = enroll(&mut stack, 2).await;
+    tokio::time::sleep_until((before + Duration::from_millis(3500)).into()).await;
+    let handed_out = stack.client.run(&runs[0]).await;
+    assert_eq!(
+        handed_out.steps[1].status(),
+        StepStatus::InFlight,
+        "not handed out ahead:\n{}",
+        run_summary(&handed_out)
+    );
+    stack
+        .client
+        .runs
+        .cancel_run(CancelRunRequest {
+            run_id: runs[0].clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CancelRun: {e}"));
+
+    // The other run's send goes out; the cancelled one's never does.
+    let requests = stack.receiver.wait_for(1, TIMEOUT).await;
+    assert_eq!(requests[0].run_id(), runs[1]);
+    let receiver = &stack.receiver;
+    let quiet = stays(
+        Duration::from_secs(3),
+        || async move { receiver.count() == 1 },
+    )
+    .await;
+    assert!(
+        quiet,
+        "the cancelled run's send went out:\n{}",
+        receiver.summary()
+    );
+    let cancelled = stack.client.run(&runs[0]).await;
+    assert_eq!(
+        cancelled.status(),
+        RunStatus::Cancelled,
+        "{}",
+        run_summary(&cancelled)
+    );
+    let log = stack.scheduler.process().log();
+    assert!(
+        log.contains("steps handed out ahead revoked"),
+        "{}",
+        stack.scheduler.process().log_tail(30)
+    );
+}
+
+/// The worker holding the sends ahead is killed; another worker takes them once their
+/// leases (a lease after the due time) run out: each goes out once, never early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_holding_sends_ahead_loses_none() {
+    let mut stack = start(&["--lease", "2s"]).await;
+    let (runs, before) = enroll(&mut stack, 3).await;
+    tokio::time::sleep_until((before + Duration::from_millis(3500)).into()).await;
+    let handed_out = stack.client.run(&runs[0]).await;
+    assert_eq!(
+        handed_out.steps[1].status(),
+        StepStatus::InFlight,
+        "not handed out ahead:\n{}",
+        run_summary(&handed_out)
+    );
+    stack.worker("w-1").kill9();
+    stack.start_worker("w-2");
+
+    let requests = stack.receiver.wait_for(runs.len(), TIMEOUT).await;
+    for request in &requests {
+        assert!(
+            request.received_at >= before + WAIT,
+            "delivered before its due time:\n{}",
+            stack.receiver.summary()
+        );
+    }
+    for run_id in &runs {
+        let done = stack
+            .client
+            .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)
+            .await;
+        assert_eq!(done.steps[1].worker, "w-2", "{}", run_summary(&done));
+    }
+    assert_eq!(
+        stack.receiver.count(),
+        runs.len(),
+        "a send went out twice:\n{}",
+        stack.receiver.summary()
+    );
+}
