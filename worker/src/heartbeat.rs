@@ -47,7 +47,16 @@ struct Entry {
 /// token).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct HeldTasks {
-    inner: Arc<Mutex<HashMap<(String, u64), Entry>>>,
+    inner: Arc<Mutex<Held>>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    tasks: HashMap<(String, u64), Entry>,
+    /// No held task's heartbeat is due before this (a task let go may have been the one
+    /// due then): finding the next heartbeat costs nothing, and the tasks are walked
+    /// only when it comes, however many are held.
+    earliest: Option<Instant>,
 }
 
 /// Keeps a task in its [`HeldTasks`] until dropped (the result was sent, or the delivery
@@ -61,13 +70,13 @@ pub(crate) struct Hold {
 impl Drop for Hold {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.held.lock().remove(&key);
+            self.held.lock().tasks.remove(&key);
         }
     }
 }
 
 impl HeldTasks {
-    fn lock(&self) -> MutexGuard<'_, HashMap<(String, u64), Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Held> {
         // Nothing here can be left half-updated by a panic.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -87,16 +96,24 @@ impl HeldTasks {
             next: Instant::now() + every,
             origin,
         };
-        self.lock().insert(key.clone(), entry);
+        let mut held = self.lock();
+        held.earliest = Some(held.earliest.map_or(entry.next, |at| at.min(entry.next)));
+        held.tasks.insert(key.clone(), entry);
+        drop(held);
         Hold {
             held: self.clone(),
             key: Some(key),
         }
     }
 
-    /// When the next heartbeat is due; `None` while nothing is held.
+    /// No heartbeat is due before this (exact after [`Self::beat`], and never later
+    /// than the next one); `None` while nothing is held.
     pub(crate) fn next_due(&self) -> Option<Instant> {
-        self.lock().values().map(|e| e.next).min()
+        let held = self.lock();
+        if held.tasks.is_empty() {
+            return None;
+        }
+        held.earliest
     }
 
     /// Completes when the next heartbeat is due (never while nothing is held). Call it
@@ -113,17 +130,26 @@ impl HeldTasks {
     /// starts over.
     pub(crate) fn beat(&self, now: Instant) -> Vec<(StreamId, Heartbeat)> {
         let mut held = self.lock();
-        if !held.values().any(|e| e.next <= now) {
+        if held.earliest.is_none_or(|at| at > now) {
+            return Vec::new();
+        }
+        let due = held.tasks.values().map(|e| e.next).min();
+        if due.is_none_or(|at| at > now) {
+            // The task due then was let go: look again when the next one is due.
+            held.earliest = due;
             return Vec::new();
         }
         let mut beats: HashMap<StreamId, Heartbeat> = HashMap::new();
-        for ((run_id, fencing_token), entry) in held.iter_mut() {
+        let mut earliest: Option<Instant> = None;
+        for ((run_id, fencing_token), entry) in &mut held.tasks {
             entry.next = now + entry.every;
+            earliest = Some(earliest.map_or(entry.next, |at| at.min(entry.next)));
             beats.entry(entry.origin).or_default().tasks.push(TaskRef {
                 run_id: run_id.clone(),
                 fencing_token: *fencing_token,
             });
         }
+        held.earliest = earliest;
         beats.into_iter().collect()
     }
 }
@@ -206,6 +232,11 @@ mod tests {
         assert_eq!(held.next_due(), Some(at + Duration::from_millis(200)));
 
         drop(short);
+        let then = at + Duration::from_millis(200);
+        assert!(
+            held.beat(then).is_empty(),
+            "run-2 was let go: nothing is due"
+        );
         assert_eq!(held.next_due(), Some(at + MAX_INTERVAL));
         drop((slow, other));
         assert_eq!(
