@@ -159,7 +159,7 @@ fn every_error_names_the_field_and_what_was_expected() {
     let cases = [
         (
             "servr = \"http://x\"\n[[channel]]\nname = \"c\"\nkind = \"log\"",
-            "servr: unknown field `servr`, expected one of `server`, `concurrency`, `worker_id`, `channel`",
+            "servr: unknown field `servr`, expected one of `server`, `concurrency`, `worker_id`, `hold_ahead`, `channel`",
         ),
         (
             "[[channel]]\nname = \"c\"\nkind = \"log\"\ncolour = \"red\"",
@@ -225,6 +225,10 @@ fn every_error_names_the_field_and_what_was_expected() {
         (
             "[[channel]]\nname = \"crm\"\nkind = \"log\"\n[[channel]]\nname = \"crm\"\nkind = \"log\"",
             "channel[1].name: duplicate channel name \"crm\" (also channel[0])",
+        ),
+        (
+            "hold_ahead = 300000\n[[channel]]\nname = \"c\"\nkind = \"log\"",
+            "hold_ahead: expected at most 200000, got 300000",
         ),
         ("[[channel]\nname = \"c\"", "line 1: "),
     ];
