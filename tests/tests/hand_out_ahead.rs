@@ -38,6 +38,17 @@ async fn enroll(stack: &mut Stack, count: usize) -> (Vec<String>, Instant) {
     (runs, before)
 }
 
+/// Checks that the run's send is with a worker (leased, in flight).
+async fn assert_handed_out(stack: &mut Stack, run_id: &str) {
+    let run = stack.client.run(run_id).await;
+    assert_eq!(
+        run.steps[1].status(),
+        StepStatus::InFlight,
+        "not handed out ahead:\n{}",
+        run_summary(&run)
+    );
+}
+
 /// Four seconds in (after the hand-out at about two, before the due time at five), every
 /// send is with the worker, none delivered; each reaches the receiver once, not before
 /// its due time, at its first attempt.
@@ -47,13 +58,7 @@ async fn sends_handed_out_ahead_go_out_at_their_due_time() {
     let (runs, before) = enroll(&mut stack, 5).await;
     tokio::time::sleep_until((before + Duration::from_secs(4)).into()).await;
     for run_id in &runs {
-        let run = stack.client.run(run_id).await;
-        assert_eq!(
-            run.steps[1].status(),
-            StepStatus::InFlight,
-            "not handed out ahead:\n{}",
-            run_summary(&run)
-        );
+        assert_handed_out(&mut stack, run_id).await;
     }
     assert_eq!(stack.receiver.count(), 0, "{}", stack.receiver.summary());
 
@@ -84,13 +89,7 @@ async fn a_run_cancelled_before_its_due_time_is_revoked() {
     let mut stack = start(&[]).await;
     let (runs, before) = enroll(&mut stack, 2).await;
     tokio::time::sleep_until((before + Duration::from_millis(3500)).into()).await;
-    let handed_out = stack.client.run(&runs[0]).await;
-    assert_eq!(
-        handed_out.steps[1].status(),
-        StepStatus::InFlight,
-        "not handed out ahead:\n{}",
-        run_summary(&handed_out)
-    );
+    assert_handed_out(&mut stack, &runs[0]).await;
     stack
         .client
         .runs
@@ -136,13 +135,7 @@ async fn a_worker_killed_while_holding_sends_ahead_loses_none() {
     let mut stack = start(&["--lease", "2s"]).await;
     let (runs, before) = enroll(&mut stack, 3).await;
     tokio::time::sleep_until((before + Duration::from_millis(3500)).into()).await;
-    let handed_out = stack.client.run(&runs[0]).await;
-    assert_eq!(
-        handed_out.steps[1].status(),
-        StepStatus::InFlight,
-        "not handed out ahead:\n{}",
-        run_summary(&handed_out)
-    );
+    assert_handed_out(&mut stack, &runs[0]).await;
     stack.worker("w-1").kill9();
     stack.start_worker("w-2");
 
