@@ -62,7 +62,7 @@ use crate::{
     enrollment::Enroller,
     ownership::Ownership,
     playbook_cache::PlaybookCache,
-    store::Store,
+    store::{RedisEndpoint, RedisTls, Store},
 };
 
 /// Flags and environment of the scheduler.
@@ -80,6 +80,17 @@ pub struct SchedulerArgs {
         default_value = "redis://127.0.0.1:6379/0"
     )]
     pub redis_url: String,
+    /// For a `rediss://` URL: PEM of the CA that signed Redis's certificate (default: the
+    /// system's roots).
+    #[arg(long, env = "TOUCHPOINT_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// For a `rediss://` URL to a Redis that asks for client certificates: ours (PEM);
+    /// needs --redis-key.
+    #[arg(long, env = "TOUCHPOINT_REDIS_CERT", requires = "redis_key")]
+    pub redis_cert: Option<PathBuf>,
+    /// The private key (PEM) of --redis-cert.
+    #[arg(long, env = "TOUCHPOINT_REDIS_KEY", requires = "redis_cert")]
+    pub redis_key: Option<PathBuf>,
     /// gRPC listen address.
     #[arg(long, env = "TOUCHPOINT_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -161,8 +172,16 @@ pub async fn run(
         client_ca: args.tls_client_ca.clone(),
     };
     let server = server_tls.server().context("cannot set up TLS")?;
+    let redis = RedisEndpoint {
+        url: args.redis_url.clone(),
+        tls: RedisTls::from_files(
+            args.redis_ca_file.as_deref(),
+            args.redis_cert.as_deref(),
+            args.redis_key.as_deref(),
+        )?,
+    };
     let store = Store::connect(
-        &args.redis_url,
+        redis.clone(),
         &args.key_prefix,
         args.partitions,
         args.retention.as_secs().max(1),
@@ -207,7 +226,7 @@ pub async fn run(
     ));
     let woken = Arc::clone(&engine);
     tokio::spawn(wake::listen(
-        args.redis_url.clone(),
+        redis,
         store.wake_channel(),
         Arc::new(move |wake| woken.on_wake(wake)),
         stop.clone(),

@@ -17,7 +17,7 @@ use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::store::{self, Store};
+use crate::store::{self, RedisEndpoint, Store};
 
 /// Most wakes coalesced into one message.
 const BATCH: usize = 4096;
@@ -107,17 +107,17 @@ fn decode(message: &str) -> Vec<Wake> {
         .collect()
 }
 
-/// Listens on the wake channel of the Redis `url` names until `stop`, handing each wake
+/// Listens on the wake channel of `redis` until `stop`, handing each wake
 /// to `on_wake`; re-subscribes every second while Redis cannot be reached.
 pub(crate) async fn listen(
-    url: String,
+    redis: RedisEndpoint,
     channel: String,
     on_wake: Arc<dyn Fn(Wake) + Send + Sync>,
     stop: CancellationToken,
 ) {
     let mut warned = false;
     loop {
-        match store::subscribe(&url, &channel).await {
+        match store::subscribe(&redis, &channel).await {
             Ok(mut messages) => {
                 if warned {
                     info!("listening for wakes from other schedulers again");

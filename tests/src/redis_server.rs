@@ -3,7 +3,7 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::TcpStream,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -28,7 +28,19 @@ pub struct RedisServer {
     appendonly: bool,
     /// A Redis Cluster node (see [`crate::RedisCluster`]).
     cluster: bool,
+    /// A TLS port besides the plain one (see [`RedisServer::start_tls`]).
+    tls: Option<TlsPort>,
     dir: TempDir,
+}
+
+/// A TLS port: its certificate and key, and the CA its clients' certificates must come
+/// from (none: clients need no certificate).
+#[derive(Debug)]
+struct TlsPort {
+    port: u16,
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -57,7 +69,33 @@ impl RedisServer {
         Self::launch(free_cluster_port(), true, true)
     }
 
+    /// Starts a server (AOF off) that also serves TLS on another port with `cert` and `key`
+    /// (PEM), asking clients for a certificate from `client_ca` when given; see
+    /// [`RedisServer::tls_url`]. The plain port stays open for the test's own checks.
+    pub fn start_tls(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Self {
+        let tls = TlsPort {
+            port: free_port(),
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            client_ca: client_ca.map(Path::to_path_buf),
+        };
+        Self::launch_with(free_port(), false, false, Some(tls))
+    }
+
+    /// `rediss://127.0.0.1:<TLS port>/0`.
+    ///
+    /// # Panics
+    /// When the server was not started with [`RedisServer::start_tls`].
+    pub fn tls_url(&self) -> String {
+        let tls = self.tls.as_ref().expect("a server started with start_tls");
+        format!("rediss://127.0.0.1:{}/0", tls.port)
+    }
+
     fn launch(port: u16, appendonly: bool, cluster: bool) -> Self {
+        Self::launch_with(port, appendonly, cluster, None)
+    }
+
+    fn launch_with(port: u16, appendonly: bool, cluster: bool, tls: Option<TlsPort>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("touchpoint-redis-")
             .tempdir()
@@ -67,6 +105,7 @@ impl RedisServer {
             port,
             appendonly,
             cluster,
+            tls,
             dir,
         };
         server.spawn();
@@ -150,6 +189,26 @@ impl RedisServer {
                 "--cluster-node-timeout".as_ref(),
                 "5000".as_ref(),
             ]);
+        }
+        let tls_port;
+        if let Some(tls) = &self.tls {
+            tls_port = tls.port.to_string();
+            args.extend::<[&std::ffi::OsStr; 8]>([
+                "--tls-port".as_ref(),
+                tls_port.as_ref(),
+                "--tls-cert-file".as_ref(),
+                tls.cert.as_os_str(),
+                "--tls-key-file".as_ref(),
+                tls.key.as_os_str(),
+                "--tls-auth-clients".as_ref(),
+                (if tls.client_ca.is_some() { "yes" } else { "no" }).as_ref(),
+            ]);
+            if let Some(ca) = &tls.client_ca {
+                args.extend::<[&std::ffi::OsStr; 2]>([
+                    "--tls-ca-cert-file".as_ref(),
+                    ca.as_os_str(),
+                ]);
+            }
         }
         let child = match Command::new("redis-server")
             .args(&args)

@@ -5,8 +5,9 @@
 //! - `redis+cluster://[user:password@]host:port[,host:port...]`: a Redis Cluster, reached
 //!   through any of the seed nodes listed; the user and password apply to every node.
 //!
-//! `rediss://` and `rediss+cluster://` ask for TLS, which the `redis` crate only speaks
-//! when built with a TLS feature; this workspace builds it without, so they are refused.
+//! `rediss://` and `rediss+cluster://` ask for TLS (rustls): Redis's certificate is
+//! checked against the system's roots, or the CA of [`RedisTls::ca_pem`]; with a client
+//! certificate and key, the connection is mutual TLS (`tls-auth-clients yes`).
 //!
 //! Every script keeps to one hash slot by construction (see [`super::keys`]), so scripts
 //! and single-key commands run alike on both. What differs is a batch of commands whose
@@ -31,6 +32,106 @@ pub const URL_FORMS: &str = "redis://[user:password@]host:port[/db] for one Redi
 
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(3);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How TLS connections (`rediss://`) check Redis and prove who they are.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// PEM of the CA that signed Redis's certificate (default: the system's roots).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM of a client certificate and its key, for Redis that asks for one.
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca_pem", &self.ca_pem.is_some())
+            .field("client_pem", &self.client_pem.is_some())
+            .finish()
+    }
+}
+
+impl RedisTls {
+    /// Reads the PEM files (any may be absent; a client certificate needs its key).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the file that cannot be read, or the one missing.
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path).map_err(|e| {
+                Error::Config(format!("reading the Redis {what} {}: {e}", path.display()))
+            })
+        };
+        let client_pem = match (cert, key) {
+            (Some(cert), Some(key)) => {
+                Some((read(cert, "client certificate")?, read(key, "client key")?))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(Error::Config(
+                    "a Redis client certificate needs its key, and a key its certificate"
+                        .to_owned(),
+                ));
+            }
+        };
+        Ok(Self {
+            ca_pem: ca.map(|ca| read(ca, "CA file")).transpose()?,
+            client_pem,
+        })
+    }
+
+    fn is_default(&self) -> bool {
+        self.ca_pem.is_none() && self.client_pem.is_none()
+    }
+
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self
+                .client_pem
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.ca_pem.clone(),
+        }
+    }
+
+    /// A client for one node, with these settings when they say anything.
+    fn client(&self, node: ConnectionInfo) -> RedisResult<redis::Client> {
+        if self.is_default() {
+            redis::Client::open(node)
+        } else {
+            redis::Client::build_with_tls(node, self.certificates())
+        }
+    }
+}
+
+/// Where Redis is: its URL (see [`URL_FORMS`]) and, for `rediss://`, how to trust it.
+#[derive(Clone, Debug)]
+pub struct RedisEndpoint {
+    pub url: String,
+    pub tls: RedisTls,
+}
+
+impl From<&str> for RedisEndpoint {
+    fn from(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            tls: RedisTls::default(),
+        }
+    }
+}
+
+impl From<&String> for RedisEndpoint {
+    fn from(url: &String) -> Self {
+        url.as_str().into()
+    }
+}
 
 /// A connection to one Redis server (reconnecting when it drops) or to a Redis Cluster
 /// (commands go to their slot's primary, following `MOVED` and `ASK`). Cheap to clone:
@@ -68,10 +169,15 @@ impl RedisConnection {
     /// # Errors
     /// [`Error::Config`] for a URL that is not one of [`URL_FORMS`] (the message never
     /// repeats the password); [`Error::Redis`] when Redis cannot be reached.
-    pub async fn connect(url: &str) -> Result<Self> {
-        match parse(url).map_err(|why| bad_url(&why))? {
+    pub async fn connect(endpoint: impl Into<RedisEndpoint>) -> Result<Self> {
+        let RedisEndpoint { url, tls } = endpoint.into();
+        match parse(&url).map_err(|why| bad_url(&why))? {
             Target::Single(url) => {
-                let client = redis::Client::open(url).map_err(|e| bad_url(&e.to_string()))?;
+                let node = url
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(|e| bad_url(&e.to_string()))?;
+                let client = tls.client(node).map_err(|e| bad_url(&e.to_string()))?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(CONNECTION_TIMEOUT))
                     .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -81,7 +187,7 @@ impl RedisConnection {
                 ))
             }
             Target::Cluster(nodes) => {
-                let client = cluster_client(&nodes)?;
+                let client = cluster_client(&nodes, &tls)?;
                 Ok(Self::Cluster(client.get_async_connection().await?))
             }
         }
@@ -152,8 +258,11 @@ impl ConnectionLike for RedisConnection {
 ///
 /// # Errors
 /// [`Error::Config`] for a bad URL; [`Error::Redis`] when no node can be reached.
-pub async fn subscribe(url: &str, channel: &str) -> Result<redis::aio::PubSubStream> {
-    let nodes = match parse(url).map_err(|why| bad_url(&why))? {
+pub async fn subscribe(
+    endpoint: &RedisEndpoint,
+    channel: &str,
+) -> Result<redis::aio::PubSubStream> {
+    let nodes = match parse(&endpoint.url).map_err(|why| bad_url(&why))? {
         Target::Single(url) => vec![
             url.as_str()
                 .into_connection_info()
@@ -164,7 +273,7 @@ pub async fn subscribe(url: &str, channel: &str) -> Result<redis::aio::PubSubStr
     let mut last_error = None;
     for node in nodes {
         let attempt = async {
-            let client = redis::Client::open(node)?;
+            let client = endpoint.tls.client(node)?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;
             RedisResult::Ok(pubsub.into_on_message())
@@ -239,12 +348,14 @@ fn parse(url: &str) -> std::result::Result<Target, String> {
 }
 
 /// A cluster client for `nodes` (as [`parse`] gives them).
-fn cluster_client(nodes: &[String]) -> Result<redis::cluster::ClusterClient> {
-    ClusterClientBuilder::new(seed_nodes(nodes)?)
+fn cluster_client(nodes: &[String], tls: &RedisTls) -> Result<redis::cluster::ClusterClient> {
+    let mut builder = ClusterClientBuilder::new(seed_nodes(nodes)?)
         .connection_timeout(CONNECTION_TIMEOUT)
-        .response_timeout(RESPONSE_TIMEOUT)
-        .build()
-        .map_err(|e| bad_url(&e.to_string()))
+        .response_timeout(RESPONSE_TIMEOUT);
+    if !tls.is_default() {
+        builder = builder.certs(tls.certificates());
+    }
+    builder.build().map_err(|e| bad_url(&e.to_string()))
 }
 
 /// The seed nodes' connection settings, each with the first node's user, password and
@@ -351,7 +462,8 @@ mod tests {
             assert_eq!(node.redis_settings().username(), Some("app"));
             assert_eq!(node.redis_settings().password(), Some("s@cret"));
         }
-        assert!(cluster_client(&cluster("redis+cluster://app:pw@a:7000,b:7001")).is_ok());
+        let nodes = cluster("redis+cluster://app:pw@a:7000,b:7001");
+        assert!(cluster_client(&nodes, &RedisTls::default()).is_ok());
     }
 
     #[test]
@@ -393,19 +505,26 @@ mod tests {
         assert!(message.contains(URL_FORMS), "{message}");
     }
 
-    /// The `redis` crate is built without TLS: `rediss` URLs are refused at start, saying so.
-    #[tokio::test]
-    async fn tls_urls_are_refused_by_this_build() {
-        for url in [
-            "rediss://127.0.0.1:6380",
-            "rediss+cluster://127.0.0.1:7000,127.0.0.1:7001",
-        ] {
-            let message = RedisConnection::connect(url)
-                .await
-                .map(|_| ())
-                .expect_err("no TLS feature")
-                .to_string();
-            assert!(message.contains("TLS"), "{url}: {message}");
-        }
+    /// A client certificate needs its key; an unreadable file is named.
+    #[test]
+    fn tls_files_are_checked() {
+        let missing = std::path::Path::new("/nonexistent/redis-ca.pem");
+        let message = RedisTls::from_files(Some(missing), None, None)
+            .expect_err("no such file")
+            .to_string();
+        assert!(
+            message.contains("Redis CA file /nonexistent/redis-ca.pem"),
+            "{message}"
+        );
+        let message = RedisTls::from_files(None, Some(missing), None)
+            .expect_err("no key")
+            .to_string();
+        assert!(message.contains("needs its key"), "{message}");
+        let none = RedisTls::from_files(None, None, None).expect("nothing to read");
+        assert!(none.is_default());
+        assert_eq!(
+            format!("{none:?}"),
+            "RedisTls { ca_pem: false, client_pem: false }"
+        );
     }
 }

@@ -22,7 +22,7 @@ use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 
 pub use budget::{CapCheck, Send, Spent};
-pub use connection::{RedisConnection, URL_FORMS, subscribe};
+pub use connection::{RedisConnection, RedisEndpoint, RedisTls, URL_FORMS, subscribe};
 pub use contact::ContactRecord;
 pub use dead_letters::{DeadLetterCursor, DeadLetterEntry, Retried};
 pub use events::{ContactChange, RecordedEvent};
@@ -360,12 +360,12 @@ impl Store {
     /// Connects to the Redis or Redis Cluster `url` names (see [`URL_FORMS`]), checks
     /// that it keeps every key, and checks the deployment's partition count.
     pub async fn connect(
-        url: &str,
+        endpoint: impl Into<RedisEndpoint>,
         prefix: &str,
         partitions: u16,
         retention_secs: u64,
     ) -> Result<Self> {
-        let conn = RedisConnection::connect(url).await?;
+        let conn = RedisConnection::connect(endpoint).await?;
         let store = Self {
             conn,
             keys: Keys::new(prefix),
