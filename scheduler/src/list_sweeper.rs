@@ -4,7 +4,9 @@
 //! list (see `store::run_lists`) stays until something drops it. Each scheduler walks the
 //! lists of the partitions it owns, one page of entries at a time at a steady pace, and
 //! drops the entries of runs that no longer exist: a full pass over every list, then the
-//! next, for as long as the scheduler runs.
+//! next, for as long as the scheduler runs. A run's hash expires a retention after the
+//! run finished, so only entries of runs enrolled more than a retention ago are looked at:
+//! a young deployment, or a burst of fresh enrollments, costs the sweep nothing.
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
@@ -47,8 +49,16 @@ pub(crate) async fn run(store: Store, ownership: Arc<Ownership>, stop: Cancellat
         if !ownership.owns(partition, now_ms()) {
             continue;
         }
+        let retention_ms = i64::try_from(store.retention().as_millis()).unwrap_or(i64::MAX);
+        let enrolled_by = now_ms().saturating_sub(retention_ms);
         match store
-            .sweep_run_list(partition, &playbook, after.as_deref(), PAGE)
+            .sweep_run_list(
+                partition,
+                &playbook,
+                after.as_deref(),
+                Some(enrolled_by),
+                PAGE,
+            )
             .await
         {
             Ok((dropped, next)) => {

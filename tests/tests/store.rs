@@ -897,13 +897,32 @@ async fn the_run_list_sweep_drops_only_entries_of_runs_that_are_gone() {
         }
     }
 
+    // Only entries of runs enrolled by the time given are looked at: none yet.
+    let before = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms")
+        - 60_000;
+    let early = store
+        .sweep_run_list(1, "p", None, Some(before), 100)
+        .await
+        .expect("sweep the older part");
+    assert_eq!(
+        early,
+        (0, None),
+        "runs enrolled after the bound were looked at"
+    );
+
     // Pages of 10: three calls, the last one ending the list.
     let mut after = None;
     let mut dropped = 0;
     let mut calls = 0;
     loop {
         let (gone, next) = store
-            .sweep_run_list(1, "p", after.as_deref(), 10)
+            .sweep_run_list(1, "p", after.as_deref(), None, 10)
             .await
             .expect("sweep");
         dropped += gone;
@@ -925,7 +944,7 @@ async fn the_run_list_sweep_drops_only_entries_of_runs_that_are_gone() {
     kept.sort();
     assert_eq!(listed, kept);
     let (gone, next) = store
-        .sweep_run_list(1, "p", None, 100)
+        .sweep_run_list(1, "p", None, None, 100)
         .await
         .expect("sweep again");
     assert_eq!((gone, next), (0, None), "nothing left to drop");

@@ -383,6 +383,11 @@ impl Store {
         self.partitions
     }
 
+    /// How long finished runs are kept.
+    pub fn retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.retention_secs)
+    }
+
     /// Refuses a Redis that may evict keys (a lost timer is a lost reminder, a lost
     /// request id a duplicate enrollment) and warns when it keeps no append-only file;
     /// on a cluster, checks every primary. Reads `INFO`, which managed Redis services

@@ -141,12 +141,14 @@ impl Store {
 
     /// Drops the entries of runs that no longer exist from `playbook`'s list in
     /// `partition`, looking at up to `count` entries after `after` (from the start for
-    /// `None`): how many were dropped, and where to go on from (`None`: the list ended).
+    /// `None`) of runs enrolled by `enrolled_by_ms` (`None`: all): how many were dropped,
+    /// and where to go on from (`None`: the list, or its part looked at, ended).
     pub async fn sweep_run_list(
         &self,
         partition: u16,
         playbook: &str,
         after: Option<&str>,
+        enrolled_by_ms: Option<i64>,
         count: usize,
     ) -> Result<(u64, Option<String>)> {
         let mut conn = self.conn.clone();
@@ -155,7 +157,8 @@ impl Store {
             .key(self.keys.playbook_runs(partition, playbook))
             .arg(self.keys.run_prefix(partition))
             .arg(after.unwrap_or_default())
-            .arg(count);
+            .arg(count)
+            .arg(enrolled_by_ms.map_or_else(|| "+".to_owned(), |ms| ms.to_string()));
         let (dropped, last): (u64, String) =
             timed("sweep_run_list", invocation.invoke_async(&mut conn)).await?;
         Ok((dropped, (!last.is_empty()).then_some(last)))
