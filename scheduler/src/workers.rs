@@ -30,6 +30,8 @@ struct Worker {
     /// Most steps handed out ahead it holds, and how many it holds.
     hold_ahead: u32,
     ahead: u32,
+    /// What it announced at Hello (capacity, hold ahead): a share never exceeds it.
+    announced: (u32, u32),
     /// Lost a lease without reporting or heartbeating (hung, or frozen): gets no new
     /// tasks until it says anything again.
     unresponsive: bool,
@@ -151,6 +153,7 @@ impl Workers {
                 in_flight: 0,
                 hold_ahead,
                 ahead: 0,
+                announced: (capacity, hold_ahead),
                 unresponsive: false,
                 retry: HashMap::new(),
                 rate: HashMap::new(),
@@ -158,6 +161,26 @@ impl Workers {
             },
         );
         id
+    }
+
+    /// A worker attached to several schedulers gave this one a share of its slots
+    /// (`Share`): from now on it is handed no more than that (at least one slot in all
+    /// and per channel; channels it did not announce at Hello are ignored).
+    pub(crate) fn set_share(
+        &self,
+        connection: ConnectionId,
+        capacity: u32,
+        channel_capacity: &HashMap<String, u32>,
+        hold_ahead: u32,
+    ) {
+        if let Some(worker) = self.registry().workers.get_mut(&connection) {
+            worker.capacity = capacity.clamp(1, worker.announced.0);
+            worker.hold_ahead = hold_ahead.min(worker.announced.1);
+            for (channel, slots) in &mut worker.channels {
+                let share = channel_capacity.get(channel).copied().unwrap_or(capacity);
+                slots.capacity = share.clamp(1, worker.capacity);
+            }
+        }
     }
 
     /// Records the retry defaults a worker announced for its channels.
@@ -421,6 +444,32 @@ mod tests {
         workers.release(worker, "slow", false);
         assert!(workers.reserve("slow").is_ok());
         assert_eq!(workers.reserve("other").err(), Some(NoWorker::ForChannel));
+    }
+
+    #[test]
+    fn a_share_bounds_what_the_worker_is_handed() {
+        let workers = Workers::default();
+        let (sender, _) = mpsc::channel(1);
+        let channels = vec!["sms".to_owned(), "mail".to_owned()];
+        let per_channel = HashMap::from([("sms".to_owned(), 4), ("mail".to_owned(), 2)]);
+        let worker = workers.register("w".to_owned(), channels, (6, 10), &per_channel, sender);
+        assert_eq!(workers.free_capacity(), 6);
+        // Attached to two schedulers: half each, rounded up by the worker.
+        let share = HashMap::from([("sms".to_owned(), 2), ("mail".to_owned(), 1)]);
+        workers.set_share(worker, 3, &share, 5);
+        assert_eq!(workers.free_capacity(), 3);
+        assert_eq!(workers.free_ahead_total(), 5);
+        for _ in 0..2 {
+            assert!(workers.reserve("sms").is_ok());
+        }
+        assert_eq!(workers.reserve("sms").err(), Some(NoWorker::AllBusy));
+        assert!(workers.reserve("mail").is_ok());
+        assert_eq!(workers.reserve("mail").err(), Some(NoWorker::AllBusy));
+        // A share is never more than Hello announced, nor zero.
+        workers.set_share(worker, 100, &HashMap::new(), 100);
+        assert_eq!(workers.free_ahead_total(), 10);
+        workers.set_share(worker, 0, &HashMap::new(), 0);
+        assert_eq!(workers.free_capacity(), 0, "three held, one slot");
     }
 
     #[test]

@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use touchpoint_proto::v1::{ApplyPlaybookRequest, ApplyStatus, EnrollRequest, RunStatus};
+use touchpoint_proto::v1::{
+    ApplyPlaybookRequest, ApplyStatus, EnrollRequest, RunStatus, StepStatus,
+};
 use touchpoint_scheduler::{run::partition_of_contact, store::Store};
 use touchpoint_tests::{
     ChannelConfig, ReceivedRequest, Reply, SECRET_ENV, SchedulerNode, TestRedis, TouchpointClient,
@@ -603,4 +605,56 @@ async fn a_write_through_another_scheduler_wakes_the_partitions_owner() {
             .wait_for_status(run_id, RunStatus::Completed, Duration::from_secs(20))
             .await;
     }
+}
+
+/// A worker attached to two schedulers gives each a share of its slots (`Share`: half,
+/// rounded up): together they hand it no more steps than its concurrency, and the rest
+/// wait in Redis, for whichever worker frees a slot first, instead of queueing on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedulers_share_a_workers_slots() {
+    const RUNS: usize = 12;
+    let redis = TestRedis::from_env();
+    let (mut schedulers, mut clients) = start_schedulers(&redis, &["a", "b"], &[]).await;
+    let store = Store::connect(&redis.url(), "tp", PARTITIONS, 60)
+        .await
+        .expect("store");
+    wait_for_owners(&store, &["a", "b"], TIMEOUT).await;
+    apply_new(
+        &mut clients[0],
+        "name: slow\nsteps:\n  - {id: hello, action: send_message, channel: wecom}\n",
+    )
+    .await;
+    let receiver = WebhookReceiver::start().await;
+    // Every delivery hangs for a long while: what is leased stays leased.
+    receiver.script((0..RUNS).map(|_| Reply::status(200).held_for(Duration::from_secs(30))));
+    let secret = generate_secret();
+    let _worker = worker_on_every_scheduler(&mut schedulers, &receiver, &secret, 2).await;
+
+    let mut runs = Vec::new();
+    for n in 0..RUNS {
+        let client = &mut clients[n % 2];
+        runs.push(enroll(client, "slow", &format!("c-share-{n}")).await);
+    }
+    receiver.wait_for(2, TIMEOUT).await;
+    let client = clients[0].clone();
+    let runs_ref = &runs;
+    let within_concurrency = stays(Duration::from_secs(3), || {
+        let mut client = client.clone();
+        async move {
+            let mut leased = 0;
+            for run_id in runs_ref {
+                let run = client.run(run_id).await;
+                if run.steps[0].status() == StepStatus::InFlight {
+                    leased += 1;
+                }
+            }
+            leased <= 2
+        }
+    })
+    .await;
+    assert!(
+        within_concurrency,
+        "more steps leased to the worker than its 2 slots:\n{}",
+        receiver.summary()
+    );
 }

@@ -417,9 +417,17 @@ impl Link {
         }
     }
 
+    /// Counts the open streams and tells each scheduler its share of the slots.
     fn count_streams(&self) {
-        let open = i64::try_from(self.outbox.open_streams()).unwrap_or(i64::MAX);
+        let streams = self.outbox.open_streams();
+        let open = i64::try_from(streams).unwrap_or(i64::MAX);
         metrics().worker.scheduler_connected.set(open);
+        if streams > 0 {
+            let share = share(&self.hello, u32::try_from(streams).unwrap_or(u32::MAX));
+            self.outbox.send_to_each(&WorkerMessage {
+                kind: Some(worker_message::Kind::Share(share)),
+            });
+        }
     }
 
     /// Connects, sends Hello and waits for Welcome.
@@ -608,6 +616,21 @@ impl Link {
             outbox.send(task_result(run_id, fencing_token, &outcome), stream);
         };
         deliveries.spawn(delivery.instrument(span));
+    }
+}
+
+/// One of `streams` schedulers' share of what `hello` announced: each count divided
+/// among them, rounded up (at least 1 where there was any).
+fn share(hello: &Hello, streams: u32) -> pb::Share {
+    let part = |n: u32| n.div_ceil(streams.max(1));
+    pb::Share {
+        capacity: part(hello.capacity),
+        channel_capacity: hello
+            .channel_capacity
+            .iter()
+            .map(|(channel, n)| (channel.clone(), part(*n)))
+            .collect(),
+        hold_ahead: part(hello.hold_ahead),
     }
 }
 
@@ -958,6 +981,23 @@ mod tests {
         }
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn each_scheduler_gets_its_share_rounded_up() {
+        let hello = Hello {
+            capacity: 5,
+            channel_capacity: HashMap::from([("a".to_owned(), 3), ("b".to_owned(), 1)]),
+            hold_ahead: 7,
+            ..Hello::default()
+        };
+        let half = share(&hello, 2);
+        assert_eq!((half.capacity, half.hold_ahead), (3, 4));
+        assert_eq!(
+            half.channel_capacity,
+            HashMap::from([("a".to_owned(), 2), ("b".to_owned(), 1)])
+        );
+        assert_eq!(share(&hello, 1).capacity, 5, "one scheduler gets it all");
     }
 
     fn task(params_json: &str) -> Task {

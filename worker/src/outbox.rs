@@ -241,6 +241,13 @@ impl Outbox {
         state.send_unsent(now);
     }
 
+    /// Sends `message` on every open stream.
+    pub(crate) fn send_to_each(&self, message: &WorkerMessage) {
+        for (_, stream) in &self.lock().streams {
+            let _ = stream.send(message.clone());
+        }
+    }
+
     /// Sends `message` (a heartbeat) for tasks that came on `origin`, on that stream or
     /// any open one; nothing is kept for later.
     pub(crate) fn send_now(&self, message: WorkerMessage, origin: StreamId) {

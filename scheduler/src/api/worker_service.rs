@@ -159,6 +159,17 @@ impl WorkerService for WorkerApi {
                     })) => {
                         engine.on_progress(progress);
                     }
+                    Ok(Some(WorkerMessage {
+                        kind: Some(worker_message::Kind::Share(share)),
+                    })) => {
+                        engine.workers().set_share(
+                            connection,
+                            share.capacity,
+                            &share.channel_capacity,
+                            share.hold_ahead.min(MAX_HOLD_AHEAD),
+                        );
+                        engine.nudge();
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) => {
                         info!(worker = %worker_id, "worker disconnected");
