@@ -31,6 +31,7 @@
 
 mod client;
 mod eventually;
+mod metrics;
 mod node;
 mod otlp;
 mod ports;
@@ -50,6 +51,7 @@ pub mod wecom_server;
 
 pub use client::{Authorized, Credentials, TouchpointClient, run_summary};
 pub use eventually::{eventually, eventually_some, stays};
+pub use metrics::{gauge, scrape};
 pub use node::{ChannelConfig, SchedulerNode, WorkerConfig, WorkerNode};
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use ports::free_port;

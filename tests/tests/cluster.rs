@@ -21,7 +21,7 @@ use touchpoint_proto::v1::{
 use touchpoint_scheduler::store::{DeadLetterEntry, RedisConnection, Store};
 use touchpoint_tests::{
     RedisCluster, Stack, TestRedis, TouchpointClient, contact, eventually, free_port, request_id,
-    run_summary, stays,
+    run_summary, scrape, stays,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
@@ -34,26 +34,6 @@ async fn stack_on_cluster(flags: &[&str], channels: &[&str]) -> Stack {
     let stack = Stack::start_on(cluster, NODE, flags, channels).await;
     assert!(stack.redis.url().starts_with("redis+cluster://"));
     stack
-}
-
-/// The scheduler's Prometheus text from `127.0.0.1:<port>/metrics` (empty on failure),
-/// over a plain TCP stream.
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return String::new();
-    };
-    let request = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-    let mut response = String::new();
-    if stream.write_all(request.as_bytes()).await.is_err()
-        || stream.read_to_string(&mut response).await.is_err()
-    {
-        return String::new();
-    }
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
 }
 
 /// How many of `run_ids`' hashes each primary holds, asked of each node directly (a

@@ -11,14 +11,12 @@ use std::{
     time::Duration,
 };
 
-use touchpoint_proto::v1::{
-    ApplyPlaybookRequest, ApplyStatus, EnrollRequest, RunStatus, StepStatus,
-};
+use touchpoint_proto::v1::{ApplyPlaybookRequest, ApplyStatus, EnrollRequest, RunStatus};
 use touchpoint_scheduler::{run::partition_of_contact, store::Store};
 use touchpoint_tests::{
     ChannelConfig, ReceivedRequest, Reply, SECRET_ENV, SchedulerNode, TestRedis, TouchpointClient,
-    WebhookReceiver, WorkerConfig, WorkerNode, contact, eventually, eventually_some,
-    generate_secret, request_id, run_summary, stays, verify_signature,
+    WebhookReceiver, WorkerConfig, WorkerNode, contact, eventually, eventually_some, free_port,
+    gauge, generate_secret, request_id, run_summary, scrape, stays, verify_signature,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
@@ -608,13 +606,28 @@ async fn a_write_through_another_scheduler_wakes_the_partitions_owner() {
 }
 
 /// A worker attached to two schedulers gives each a share of its slots (`Share`: half,
-/// rounded up): together they hand it no more steps than its concurrency, and the rest
-/// wait in Redis, for whichever worker frees a slot first, instead of queueing on it.
+/// rounded up): together they hand it no more steps than its concurrency (the sum of
+/// their `leases_in_flight`), and the rest wait in Redis, for whichever worker frees a
+/// slot first, instead of queueing on it. Fails without the share: each hands it 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schedulers_share_a_workers_slots() {
     const RUNS: usize = 12;
+    const IN_FLIGHT: &str = "touchpoint_scheduler_leases_in_flight";
     let redis = TestRedis::from_env();
-    let (mut schedulers, mut clients) = start_schedulers(&redis, &["a", "b"], &[]).await;
+    let ports = [free_port(), free_port()];
+    let mut schedulers: Vec<SchedulerNode> = ["a", "b"]
+        .iter()
+        .zip(ports)
+        .map(|(id, port)| {
+            let listen = format!("127.0.0.1:{port}");
+            let flags = ownership_flags(id, &["--metrics-listen", &listen]);
+            SchedulerNode::start(NODE, &redis.url(), &flags)
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for scheduler in &mut schedulers {
+        clients.push(scheduler.client().await);
+    }
     let store = Store::connect(&redis.url(), "tp", PARTITIONS, 60)
         .await
         .expect("store");
@@ -625,36 +638,31 @@ async fn schedulers_share_a_workers_slots() {
     )
     .await;
     let receiver = WebhookReceiver::start().await;
-    // Every delivery hangs for a long while: what is leased stays leased.
+    // Every delivery hangs for a long while: what is handed out stays out.
     receiver.script((0..RUNS).map(|_| Reply::status(200).held_for(Duration::from_secs(30))));
     let secret = generate_secret();
     let _worker = worker_on_every_scheduler(&mut schedulers, &receiver, &secret, 2).await;
 
-    let mut runs = Vec::new();
     for n in 0..RUNS {
         let client = &mut clients[n % 2];
-        runs.push(enroll(client, "slow", &format!("c-share-{n}")).await);
+        enroll(client, "slow", &format!("c-share-{n}")).await;
     }
     receiver.wait_for(2, TIMEOUT).await;
-    let client = clients[0].clone();
-    let runs_ref = &runs;
-    let within_concurrency = stays(Duration::from_secs(3), || {
-        let mut client = client.clone();
-        async move {
-            let mut leased = 0;
-            for run_id in runs_ref {
-                let run = client.run(run_id).await;
-                if run.steps[0].status() == StepStatus::InFlight {
-                    leased += 1;
-                }
-            }
-            leased <= 2
+    let handed_out = || async {
+        let mut sum = 0;
+        for port in ports {
+            sum += gauge(&scrape(port).await, IN_FLIGHT).unwrap_or(0);
         }
-    })
-    .await;
+        sum
+    };
+    // (The gauge is sampled every second.)
+    let full = eventually(TIMEOUT, || async { handed_out().await >= 2 }).await;
+    assert!(full, "never 2 steps out: {}", handed_out().await);
+    let within = stays(Duration::from_secs(3), || async { handed_out().await <= 2 }).await;
     assert!(
-        within_concurrency,
-        "more steps leased to the worker than its 2 slots:\n{}",
+        within,
+        "{} steps handed to a worker with 2 slots:\n{}",
+        handed_out().await,
         receiver.summary()
     );
 }

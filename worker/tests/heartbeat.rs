@@ -69,6 +69,8 @@ async fn heartbeats_until_result(
                 beats.push((at, tasks));
             }
             (_, worker_message::Kind::Result(_)) => return beats,
+            // (Its share of the slots, after attaching.)
+            (_, worker_message::Kind::Share(_)) => {}
             (_, other) => panic!("unexpected message {other:?}"),
         }
     }

@@ -162,6 +162,7 @@ impl WorkerService for WorkerApi {
                     Ok(Some(WorkerMessage {
                         kind: Some(worker_message::Kind::Share(share)),
                     })) => {
+                        info!(worker = %worker_id, capacity = share.capacity, "worker's share of its slots");
                         engine.workers().set_share(
                             connection,
                             share.capacity,
