@@ -1220,7 +1220,8 @@ impl Engine {
         };
         self.workers
             .release(in_flight.connection, &in_flight.channel, in_flight.ahead);
-        if in_flight.ahead && now_ms() < in_flight.due_ms {
+        if in_flight.ahead && result.outcome() == Outcome::Retryable && now_ms() < in_flight.due_ms
+        {
             // Handed back unstarted (its worker is stopping): due again at its time,
             // the attempt not counted.
             self.give_back(&result.run_id, &in_flight, &result.detail);
