@@ -512,16 +512,7 @@ impl Engine {
         let mut next = i64::MAX;
         while !runs.is_empty() {
             let mut settled = Vec::new();
-            let mut ready = Vec::new();
-            for run in runs {
-                match self.decide(run, now).await {
-                    Decision::Settle(completion) => settled.push(*completion),
-                    Decision::Deliver(delivery) => ready.push(*delivery),
-                }
-            }
-            let ready = self
-                .spend_budget(partition, ready, now, &mut settled)
-                .await?;
+            let ready = self.sends(partition, runs, now, &mut settled).await?;
             for (in_flight, task) in self.rate_limit(ready, now, &mut settled).await? {
                 if let Some(completion) = self.deliver(in_flight, task, now) {
                     settled.push(completion);
@@ -544,6 +535,25 @@ impl Engine {
             now = now_ms();
         }
         Ok(next)
+    }
+
+    /// Decides `runs` as of `now`: the sends that may go (within the contact budget's
+    /// caps) are returned, the rest settled into `settled`.
+    async fn sends(
+        &self,
+        partition: u16,
+        runs: Vec<ClaimedRun>,
+        now: i64,
+        settled: &mut Vec<Completion>,
+    ) -> crate::store::Result<Vec<Ready>> {
+        let mut ready = Vec::new();
+        for run in runs {
+            match self.decide(run, now).await {
+                Decision::Settle(completion) => settled.push(*completion),
+                Decision::Deliver(delivery) => ready.push(*delivery),
+            }
+        }
+        self.spend_budget(partition, ready, now, settled).await
     }
 
     async fn decide(&self, run: ClaimedRun, now: i64) -> Decision {

@@ -24,7 +24,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use super::{Completion, Decision, Engine, InFlight, Op, StepKind, lock, millis, now_ms, v1};
+use super::{Completion, Engine, InFlight, Op, StepKind, lock, millis, now_ms, v1};
 use crate::store::ClaimedRun;
 use touchpoint_proto::metrics::metrics;
 use touchpoint_proto::v1::{SchedulerMessage, scheduler_message};
@@ -166,17 +166,7 @@ impl Engine {
         }
         let mut settled = Vec::new();
         for (due, runs) in by_due {
-            let mut ready = Vec::new();
-            for run in runs {
-                match self.decide(run, due).await {
-                    Decision::Settle(completion) => settled.push(*completion),
-                    Decision::Deliver(delivery) => ready.push(*delivery),
-                }
-            }
-            let ready = self
-                .spend_budget(partition, ready, due, &mut settled)
-                .await?;
-            for (in_flight, task) in ready {
+            for (in_flight, task) in self.sends(partition, runs, due, &mut settled).await? {
                 if let Some(completion) = self.deliver_ahead(in_flight, task, due) {
                     settled.push(completion);
                 }
