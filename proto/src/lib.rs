@@ -57,3 +57,20 @@ pub const MAX_WORKER_CAPACITY: u32 = 10_000;
 /// Most tasks handed out ahead of their due time one worker may hold
 /// (`Hello.hold_ahead`); a larger announcement counts as this.
 pub const MAX_HOLD_AHEAD: u32 = 200_000;
+
+/// A gRPC status for a log line: its code, its message, and the causes below it (a
+/// broken stream's message alone, "h2 protocol error: error reading a body from
+/// connection", does not say what broke it).
+pub fn describe_status(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

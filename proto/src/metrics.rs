@@ -96,6 +96,8 @@ pub struct SchedulerMetrics {
     pub leases_in_flight: Gauge,
     /// Leases that ran out and went back to due.
     pub leases_expired: Counter,
+    /// Worker results refused because their lease had expired or been superseded.
+    pub stale_results: Counter,
     /// Connected workers serving each channel.
     pub workers_connected: Family<ChannelLabels, Gauge>,
     /// Steps held back by a channel's rate limit.
@@ -146,6 +148,7 @@ impl Metrics {
             due_backlog: Gauge::default(),
             leases_in_flight: Gauge::default(),
             leases_expired: Counter::default(),
+            stale_results: Counter::default(),
             workers_connected: Family::default(),
             rate_limit_waits: Family::default(),
             dead_letters: Gauge::default(),
@@ -196,6 +199,11 @@ impl Metrics {
             "touchpoint_scheduler_leases_expired",
             "Leases that ran out and went back to due",
             s.leases_expired.clone(),
+        );
+        r.register(
+            "touchpoint_scheduler_stale_results",
+            "Worker results refused because their lease had expired or been superseded",
+            s.stale_results.clone(),
         );
         r.register(
             "touchpoint_scheduler_workers_connected",

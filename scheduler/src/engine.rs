@@ -1183,7 +1183,8 @@ impl Engine {
             // and hand it nothing new until it shows signs of life.
             self.workers
                 .release(old.connection, &old.channel, old.ahead);
-            self.workers.mark_unresponsive(old.connection);
+            self.workers
+                .mark_unresponsive(old.connection, self.config.lease);
         }
         if sender.try_send(Ok(message)).is_err() {
             // The worker's stream is gone or full; take the step back.
@@ -1222,6 +1223,9 @@ impl Engine {
         };
         let Some(in_flight) = in_flight else {
             if known || self.draining.load(Ordering::SeqCst) {
+                if known {
+                    metrics().scheduler.stale_results.inc();
+                }
                 debug!(run_id = %result.run_id, "result for a task this scheduler no longer holds; ignored");
             } else {
                 self.adopt_result(connection, result);
@@ -1276,6 +1280,7 @@ impl Engine {
         let run = match self.store.get_run(&result.run_id).await {
             Ok(Some(run)) if run.leased && run.fence == result.fencing_token => run,
             Ok(_) => {
+                metrics().scheduler.stale_results.inc();
                 debug!(run_id = %result.run_id, "result for a step no longer leased under its fencing token; ignored");
                 return;
             }
@@ -1493,7 +1498,7 @@ impl Engine {
             self.workers.release(old, &channel, ahead);
         }
         for old in self.workers.other_connections(worker_id, connection) {
-            self.workers.mark_unresponsive(old);
+            self.workers.set_aside(old);
         }
         for (channel, ahead) in &taken {
             self.workers.hold(connection, channel, *ahead);
@@ -1669,6 +1674,7 @@ impl Engine {
                             }
                         }
                         if stale > 0 {
+                            metrics().scheduler.stale_results.inc_by(stale);
                             info!(
                                 partition,
                                 stale, "outcomes under an expired or superseded lease were refused"

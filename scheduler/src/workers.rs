@@ -6,13 +6,20 @@
 //! out ahead of their due time count apart, against what each worker said it holds
 //! ahead (`Hello.hold_ahead`).
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::mpsc;
 
 use crate::{playbook::RetryOverrides, store::Rate};
 use tonic::Status;
 use touchpoint_proto::v1::SchedulerMessage;
+
+/// How long a worker marked unresponsive gets no new tasks (unless it speaks first).
+const UNRESPONSIVE_FOR: Duration = Duration::from_secs(5);
 
 /// The sending half of one worker's stream.
 pub(crate) type WorkerSender = mpsc::Sender<Result<SchedulerMessage, Status>>;
@@ -33,8 +40,11 @@ struct Worker {
     /// What it announced at Hello (capacity, hold ahead): a share never exceeds it.
     announced: (u32, u32),
     /// Lost a lease without reporting or heartbeating (hung, or frozen): gets no new
-    /// tasks until it says anything again.
-    unresponsive: bool,
+    /// tasks until it says anything again, or until then. (An idle worker sends
+    /// nothing, so a mark for good would leave a live one that lost a task unused.)
+    unresponsive_until: Option<Instant>,
+    /// When it last sent anything.
+    last_heard: Instant,
     /// Retry defaults it announced, by channel name.
     retry: HashMap<String, RetryOverrides>,
     /// Rate limits it announced, by channel name.
@@ -50,8 +60,14 @@ struct Slots {
 }
 
 impl Worker {
+    /// Not marked unresponsive, or past the mark.
+    fn responsive(&self) -> bool {
+        self.unresponsive_until
+            .is_none_or(|until| Instant::now() >= until)
+    }
+
     fn has_room_for(&self, channel: &str) -> bool {
-        !self.unresponsive
+        self.responsive()
             && self.in_flight < self.capacity
             && self
                 .channels
@@ -154,7 +170,8 @@ impl Workers {
                 hold_ahead,
                 ahead: 0,
                 announced: (capacity, hold_ahead),
-                unresponsive: false,
+                unresponsive_until: None,
+                last_heard: Instant::now(),
                 retry: HashMap::new(),
                 rate: HashMap::new(),
                 sender,
@@ -273,7 +290,7 @@ impl Workers {
             .workers
             .iter_mut()
             .filter(|(_, w)| {
-                !w.unresponsive && w.ahead < w.hold_ahead && w.channels.contains_key(channel)
+                w.responsive() && w.ahead < w.hold_ahead && w.channels.contains_key(channel)
             })
             .min_by_key(|(_, w)| w.ahead)?;
         worker.ahead += 1;
@@ -285,7 +302,7 @@ impl Workers {
         self.registry()
             .workers
             .values()
-            .filter(|w| !w.unresponsive && w.channels.contains_key(channel))
+            .filter(|w| w.responsive() && w.channels.contains_key(channel))
             .map(|w| w.hold_ahead.saturating_sub(w.ahead))
             .fold(0, u32::saturating_add)
     }
@@ -295,7 +312,7 @@ impl Workers {
         self.registry()
             .workers
             .values()
-            .filter(|w| !w.unresponsive)
+            .filter(|w| w.responsive())
             .map(|w| w.hold_ahead.saturating_sub(w.ahead))
             .fold(0, u32::saturating_add)
     }
@@ -308,18 +325,35 @@ impl Workers {
             .map(|w| w.sender.clone())
     }
 
-    /// A step this worker held went to another attempt because its lease expired: the
-    /// worker neither reported nor heartbeated in time, so it gets no new tasks for now.
-    pub(crate) fn mark_unresponsive(&self, connection: ConnectionId) {
-        if let Some(worker) = self.registry().workers.get_mut(&connection) {
-            worker.unresponsive = true;
+    /// A step this worker held went to another attempt because its lease (`lease`)
+    /// expired. A worker that said nothing for that long (hung, or frozen) gets no new
+    /// tasks for [`UNRESPONSIVE_FOR`], or until it says anything; one heard from since
+    /// is alive and merely lost the step (a result dropped on the way), and keeps
+    /// getting tasks.
+    pub(crate) fn mark_unresponsive(&self, connection: ConnectionId, lease: Duration) {
+        self.mark_unresponsive_until(connection, lease, Instant::now() + UNRESPONSIVE_FOR);
+    }
+
+    /// An earlier stream of a worker that attached again (not yet seen to break): no
+    /// new tasks on it unless it speaks again.
+    pub(crate) fn set_aside(&self, connection: ConnectionId) {
+        let until = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        self.mark_unresponsive_until(connection, Duration::ZERO, until);
+    }
+
+    fn mark_unresponsive_until(&self, connection: ConnectionId, lease: Duration, until: Instant) {
+        if let Some(worker) = self.registry().workers.get_mut(&connection)
+            && worker.last_heard.elapsed() >= lease
+        {
+            worker.unresponsive_until = Some(until);
         }
     }
 
     /// The worker sent something (a result or a heartbeat): it is alive again.
     pub(crate) fn heard_from(&self, connection: ConnectionId) {
         if let Some(worker) = self.registry().workers.get_mut(&connection) {
-            worker.unresponsive = false;
+            worker.unresponsive_until = None;
+            worker.last_heard = Instant::now();
         }
     }
 
@@ -376,7 +410,7 @@ impl Workers {
         self.registry()
             .workers
             .values()
-            .filter(|w| !w.unresponsive)
+            .filter(|w| w.responsive())
             .map(Worker::free)
             .fold(0, u32::saturating_add)
     }
@@ -425,6 +459,32 @@ mod tests {
         workers.remove(b);
         workers.remove(c);
         assert_eq!(workers.channel_rate("sms"), None);
+    }
+
+    #[test]
+    fn an_unresponsive_worker_gets_tasks_again_once_it_speaks_or_its_mark_passes() {
+        let workers = Workers::default();
+        let (sender, _receiver) = mpsc::channel(1);
+        let worker = workers.register(
+            "w".to_owned(),
+            vec!["sms".to_owned()],
+            (4, 0),
+            &HashMap::new(),
+            sender,
+        );
+        assert_eq!(workers.free_capacity(), 4);
+        workers.mark_unresponsive(worker, Duration::ZERO);
+        assert_eq!(workers.free_capacity(), 0);
+        assert!(workers.reserve("sms").is_err());
+        workers.heard_from(worker);
+        assert_eq!(workers.free_capacity(), 4);
+        // Heard from within the lease: alive, it merely lost the step.
+        workers.mark_unresponsive(worker, Duration::from_secs(30));
+        assert_eq!(workers.free_capacity(), 4);
+        // An idle worker sends nothing: the mark passes by itself.
+        workers.mark_unresponsive_until(worker, Duration::ZERO, Instant::now());
+        assert_eq!(workers.free_capacity(), 4);
+        assert!(workers.reserve("sms").is_ok());
     }
 
     #[test]

@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use touchpoint_proto::v1::{ApplyStatus, RunStatus, StepStatus};
+use touchpoint_proto::v1::{ApplyStatus, Outcome, RunStatus, StepStatus};
 use touchpoint_tests::{
-    ChannelConfig, SECRET_ENV, Stack, WorkerConfig, WorkerNode, contact, request_id, run_summary,
-    stays,
+    ChannelConfig, RawWorker, SECRET_ENV, Stack, WorkerConfig, WorkerNode, contact, request_id,
+    run_summary, stays,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
@@ -151,4 +151,47 @@ async fn a_worker_that_lost_its_lease_gets_its_slot_back() {
     let timeline = run_summary(&done);
     assert_eq!(done.steps[0].worker, "w-1", "{timeline}");
     assert_eq!(done.steps[0].attempts, 1, "{timeline}");
+}
+
+/// A worker that lost a task without a word (no result, no heartbeat for it) and is
+/// otherwise silent: the step's lease runs out and it goes out again, and the worker is
+/// set aside as unresponsive. The mark passes after a few seconds (an idle worker sends
+/// nothing that would clear it; a mark for good left every later step due forever), so
+/// a step of another run still reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_worker_set_aside_gets_tasks_again() {
+    let mut stack = Stack::start(NODE, &["--lease", "1s"], &[]).await;
+    let mut worker = RawWorker::attach(&stack, "raw-lost", &["crm"]).await;
+    let yaml = "name: one-step\nsteps:\n  - {id: greet, action: send_message, channel: crm}\n";
+    assert_eq!(stack.apply(yaml).await.status(), ApplyStatus::Created);
+    let first = stack
+        .enroll("one-step", contact("c-3010", &[], &[]), &request_id())
+        .await
+        .run_id;
+
+    let lost = worker.task().await;
+    assert_eq!((lost.run_id.as_str(), lost.attempt), (first.as_str(), 1));
+    // Nothing is said about it: the lease runs out, and the step comes again, which
+    // sets the silent worker aside.
+    let again = worker.task().await;
+    assert_eq!((again.run_id.as_str(), again.attempt), (first.as_str(), 2));
+    assert!(again.fencing_token > lost.fencing_token);
+
+    // Still silent; a step of another run reaches it once the mark passes.
+    let second = stack
+        .enroll("one-step", contact("c-3011", &[], &[]), &request_id())
+        .await
+        .run_id;
+    let task = loop {
+        let task = worker.task().await;
+        if task.run_id == second {
+            break task;
+        }
+    };
+    worker.result(&task, Outcome::Ok, "sent");
+    let done = stack
+        .client
+        .wait_for_status(&second, RunStatus::Completed, TIMEOUT)
+        .await;
+    assert_eq!(done.steps[0].attempts, 1, "{}", run_summary(&done));
 }

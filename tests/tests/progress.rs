@@ -4,104 +4,11 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::Streaming;
-use touchpoint_proto::v1::{
-    Hello, Outcome, RunStatus, SchedulerMessage, StepStatus, Task, TaskProgress, TaskResult,
-    WorkerMessage, scheduler_message, worker_message,
-};
-use touchpoint_tests::{Stack, contact, request_id, run_summary, stays};
+use touchpoint_proto::v1::{Outcome, RunStatus, StepStatus};
+use touchpoint_tests::{RawWorker, Stack, contact, request_id, run_summary, stays};
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A worker speaking the raw protocol: what it sends goes out on `out`.
-struct RawWorker {
-    out: mpsc::UnboundedSender<WorkerMessage>,
-    inbound: Streaming<SchedulerMessage>,
-}
-
-impl RawWorker {
-    /// Attaches serving `channels` and reads the Welcome.
-    async fn attach(stack: &mut Stack, channels: &[&str]) -> Self {
-        let (out, rx) = mpsc::unbounded_channel();
-        let worker = Self::send_on(&out);
-        worker(worker_message::Kind::Hello(Hello {
-            worker_id: "raw-1".to_owned(),
-            channels: channels.iter().map(|&c| c.to_owned()).collect(),
-            capacity: 4,
-            ..Hello::default()
-        }));
-        let mut inbound = stack
-            .client
-            .workers
-            .attach(UnboundedReceiverStream::new(rx))
-            .await
-            .expect("Attach")
-            .into_inner();
-        match next_message(&mut inbound).await {
-            scheduler_message::Kind::Welcome(_) => {}
-            other => panic!("expected Welcome, got {other:?}"),
-        }
-        Self { out, inbound }
-    }
-
-    fn send_on(
-        out: &mpsc::UnboundedSender<WorkerMessage>,
-    ) -> impl Fn(worker_message::Kind) + use<> {
-        let out = out.clone();
-        move |kind| {
-            out.send(WorkerMessage { kind: Some(kind) })
-                .expect("the stream is open");
-        }
-    }
-
-    fn send(&self, kind: worker_message::Kind) {
-        Self::send_on(&self.out)(kind);
-    }
-
-    async fn task(&mut self) -> Task {
-        match next_message(&mut self.inbound).await {
-            scheduler_message::Kind::Task(task) => task,
-            other => panic!("expected a Task, got {other:?}"),
-        }
-    }
-
-    fn progress(&self, task: &Task, fencing_token: u64, detail: &str, state: &str) {
-        self.send(worker_message::Kind::Progress(TaskProgress {
-            run_id: task.run_id.clone(),
-            fencing_token,
-            detail: detail.to_owned(),
-            state: state.to_owned(),
-        }));
-    }
-
-    fn result(&self, task: &Task, outcome: Outcome, detail: &str) {
-        self.send(worker_message::Kind::Result(TaskResult {
-            run_id: task.run_id.clone(),
-            fencing_token: task.fencing_token,
-            outcome: outcome.into(),
-            detail: detail.to_owned(),
-            ..TaskResult::default()
-        }));
-    }
-}
-
-/// The scheduler's next message other than `Peers` (the live schedulers).
-async fn next_message(inbound: &mut Streaming<SchedulerMessage>) -> scheduler_message::Kind {
-    loop {
-        let kind = tokio::time::timeout(TIMEOUT, inbound.message())
-            .await
-            .expect("a message from the scheduler in time")
-            .expect("the stream is healthy")
-            .and_then(|m| m.kind)
-            .expect("a message, not the end of the stream");
-        if !matches!(kind, scheduler_message::Kind::Peers(_)) {
-            return kind;
-        }
-    }
-}
 
 /// The run's hash in Redis (default key prefix `tp`; run ids end in their partition).
 fn run_key(run_id: &str) -> String {
@@ -122,7 +29,7 @@ async fn resume_state_in_redis(stack: &Stack, run_id: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_shows_in_the_run_and_its_state_resumes_the_next_attempt() {
     let mut stack = Stack::start(NODE, &[], &[]).await;
-    let mut worker = RawWorker::attach(&mut stack, &["crm"]).await;
+    let mut worker = RawWorker::attach(&stack, "raw-1", &["crm"]).await;
     stack
         .apply(
             "name: resumable\nsteps:\n  - {id: send, action: send_message, channel: crm, \

@@ -454,12 +454,22 @@ impl Link {
         let mut tasks = client
             .attach(request)
             .await
-            .map_err(|status| anyhow::anyhow!("attach refused: {}", describe(&status)))?
+            .map_err(|status| {
+                anyhow::anyhow!(
+                    "attach refused: {}",
+                    touchpoint_proto::describe_status(&status)
+                )
+            })?
             .into_inner();
         let first = tokio::time::timeout(WELCOME_TIMEOUT, tasks.message())
             .await
             .context("no Welcome from the scheduler")?
-            .map_err(|status| anyhow::anyhow!("stream failed: {}", describe(&status)))?;
+            .map_err(|status| {
+                anyhow::anyhow!(
+                    "stream failed: {}",
+                    touchpoint_proto::describe_status(&status)
+                )
+            })?;
         match first.and_then(|message| message.kind) {
             Some(scheduler_message::Kind::Welcome(welcome)) => {
                 info!(scheduler_id = %welcome.scheduler_id, "attached to the scheduler");
@@ -504,7 +514,10 @@ impl Link {
                     continue;
                 }
                 Ok(None) => bail!("the scheduler closed the stream"),
-                Err(status) => bail!("stream failed: {}", describe(&status)),
+                Err(status) => bail!(
+                    "stream failed: {}",
+                    touchpoint_proto::describe_status(&status)
+                ),
             };
             if loops.received.send(received).is_err() {
                 return Ok(());
@@ -911,10 +924,6 @@ fn describe_error(error: &anyhow::Error) -> String {
     } else {
         error.to_string()
     }
-}
-
-fn describe(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
 }
 
 /// Re-attach delays: 100ms doubling up to 2s, each with up to half taken off at random

@@ -15,8 +15,11 @@
 //! second copy of a result it already recorded like any stale result, so that costs
 //! nothing but a lookup.
 //!
-//! At most [`MAX_KEPT`] results are kept; beyond that the oldest is dropped (with a
-//! warning when it was never sent) and its step goes out again when its lease expires.
+//! At most [`MAX_IN_DOUBT`] sent results are kept; beyond that the oldest is forgotten
+//! early. Results never sent are bounded by the tasks a worker can hold (its capacity
+//! and what it holds ahead, a burst of tens of thousands due at one instant), so they
+//! are kept up to [`MAX_UNSENT`], beyond which the oldest is dropped with a warning and
+//! its step goes out again when its lease expires.
 
 use std::{
     collections::VecDeque,
@@ -28,8 +31,14 @@ use tokio::sync::mpsc;
 use touchpoint_proto::v1::{TaskProgress, TaskResult, WorkerMessage, worker_message};
 use tracing::{debug, info, warn};
 
-/// Most results kept (never sent, or sent and still in doubt).
-pub(crate) const MAX_KEPT: usize = 10_000;
+/// Most sent results kept while in doubt.
+pub(crate) const MAX_IN_DOUBT: usize = 10_000;
+
+/// Most results kept unsent: every task a worker may hold (its capacity and what it
+/// holds ahead, at their most), and the results in doubt when a stream breaks.
+pub(crate) const MAX_UNSENT: usize = touchpoint_proto::MAX_WORKER_CAPACITY as usize
+    + touchpoint_proto::MAX_HOLD_AHEAD as usize
+    + MAX_IN_DOUBT;
 
 /// How long a sent result is kept in case its stream turns out to be broken: longer than
 /// the keepalive takes to notice a connection that died silently (a ping every 10 s,
@@ -44,16 +53,24 @@ struct Kept {
     result: TaskResult,
     /// The stream its task came on.
     origin: StreamId,
-    /// The stream it was handed to and when; `None` while it waits for one.
-    sent: Option<(StreamId, Instant)>,
+}
+
+/// A result sent on `stream` at `at`, kept while in doubt.
+#[derive(Debug)]
+struct InDoubt {
+    kept: Kept,
+    stream: StreamId,
+    at: Instant,
 }
 
 #[derive(Debug, Default)]
 struct State {
     /// The open streams, in the order they opened.
     streams: Vec<(StreamId, mpsc::UnboundedSender<WorkerMessage>)>,
-    /// Oldest first.
-    kept: VecDeque<Kept>,
+    /// Results waiting for a stream, oldest first.
+    unsent: VecDeque<Kept>,
+    /// Results sent lately, oldest first.
+    in_doubt: VecDeque<InDoubt>,
     /// Results dropped unsent since the link went down.
     dropped: u64,
     /// "Link down" was logged since a stream last opened.
@@ -73,35 +90,36 @@ fn message(result: TaskResult) -> WorkerMessage {
 }
 
 impl State {
-    /// Forgets sent results older than [`IN_DOUBT_FOR`] from the front (oldest first).
+    /// Forgets sent results older than [`IN_DOUBT_FOR`].
     fn forget_confirmed(&mut self, now: Instant) {
         while self
-            .kept
+            .in_doubt
             .front()
-            .and_then(|k| k.sent)
-            .is_some_and(|(_, at)| now.duration_since(at) >= IN_DOUBT_FOR)
+            .is_some_and(|sent| now.duration_since(sent.at) >= IN_DOUBT_FOR)
         {
-            self.kept.pop_front();
+            self.in_doubt.pop_front();
         }
     }
 
-    fn keep(&mut self, kept: Kept) {
-        if self.kept.len() >= MAX_KEPT
-            && let Some(oldest) = self.kept.pop_front()
-        {
-            if oldest.sent.is_none() {
-                if self.dropped == 0 {
-                    warn!(
-                        max = MAX_KEPT,
-                        "too many results kept while the scheduler link is down; dropping the oldest (their steps go out again when their leases expire)"
-                    );
-                }
-                self.dropped += 1;
-            } else {
-                debug!("forgetting a sent result early: too many kept");
-            }
+    fn keep_sent(&mut self, kept: Kept, stream: StreamId, at: Instant) {
+        if self.in_doubt.len() >= MAX_IN_DOUBT {
+            self.in_doubt.pop_front();
         }
-        self.kept.push_back(kept);
+        self.in_doubt.push_back(InDoubt { kept, stream, at });
+    }
+
+    fn keep_unsent(&mut self, kept: Kept) {
+        if self.unsent.len() >= MAX_UNSENT {
+            self.unsent.pop_front();
+            if self.dropped == 0 {
+                warn!(
+                    max = MAX_UNSENT,
+                    "too many results kept while the scheduler link is down; dropping the oldest (their steps go out again when their leases expire)"
+                );
+            }
+            self.dropped += 1;
+        }
+        self.unsent.push_back(kept);
     }
 
     /// Sends `message` on stream `preferred` if it is open, else on the first open one;
@@ -128,17 +146,12 @@ impl State {
     /// open, else on any; returns how many went.
     fn send_unsent(&mut self, now: Instant) -> usize {
         let mut sent = 0;
-        for at in 0..self.kept.len() {
-            let Some(kept) = self.kept.get(at).filter(|k| k.sent.is_none()) else {
-                continue;
-            };
-            let (origin, result) = (kept.origin, kept.result.clone());
-            let Some(stream) = self.route(origin, message(result)) else {
+        while let Some(kept) = self.unsent.pop_front() {
+            let Some(stream) = self.route(kept.origin, message(kept.result.clone())) else {
+                self.unsent.push_front(kept);
                 break;
             };
-            if let Some(kept) = self.kept.get_mut(at) {
-                kept.sent = Some((stream, now));
-            }
+            self.keep_sent(kept, stream, now);
             sent += 1;
         }
         sent
@@ -175,18 +188,17 @@ impl Outbox {
     fn send_at(&self, result: TaskResult, origin: StreamId, now: Instant) {
         let mut state = self.lock();
         state.forget_confirmed(now);
-        let sent = state
-            .route(origin, message(result.clone()))
-            .map(|stream| (stream, now));
-        if sent.is_none() && !state.told_down {
-            state.told_down = true;
-            info!("scheduler link down; keeping results for the next stream");
+        let kept = Kept { result, origin };
+        match state.route(origin, message(kept.result.clone())) {
+            Some(stream) => state.keep_sent(kept, stream, now),
+            None => {
+                if !state.told_down {
+                    state.told_down = true;
+                    info!("scheduler link down; keeping results for the next stream");
+                }
+                state.keep_unsent(kept);
+            }
         }
-        state.keep(Kept {
-            result,
-            origin,
-            sent,
-        });
     }
 
     /// Stream `id` is open (Welcome received): sends every kept result not sent yet on
@@ -208,7 +220,7 @@ impl Outbox {
     ) -> usize {
         let mut state = self.lock();
         state.forget_confirmed(now);
-        let unsent = state.kept.iter().filter(|k| k.sent.is_none()).count();
+        let unsent = state.unsent.len();
         let dropped = std::mem::take(&mut state.dropped);
         state.told_down = false;
         state.streams.retain(|(open, _)| *open != id);
@@ -233,10 +245,14 @@ impl Outbox {
         let mut state = self.lock();
         state.forget_confirmed(now);
         state.streams.retain(|(open, _)| *open != id);
-        for kept in &mut state.kept {
-            if kept.sent.is_some_and(|(stream, _)| stream == id) {
-                kept.sent = None;
-            }
+        // What went on it lately goes again, before what waited already (oldest first).
+        let (lost, kept): (VecDeque<InDoubt>, VecDeque<InDoubt>) =
+            std::mem::take(&mut state.in_doubt)
+                .into_iter()
+                .partition(|sent| sent.stream == id);
+        state.in_doubt = kept;
+        for sent in lost.into_iter().rev() {
+            state.unsent.push_front(sent.kept);
         }
         state.send_unsent(now);
     }
@@ -349,17 +365,44 @@ mod tests {
     }
 
     #[test]
-    fn at_most_max_kept_results_the_oldest_dropped() {
+    fn at_most_max_unsent_results_the_oldest_dropped() {
         let outbox = Outbox::default();
-        for i in 0..MAX_KEPT + 2 {
+        for i in 0..MAX_UNSENT + 2 {
             outbox.send(result(&format!("run-{i}")), 1);
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
-        assert_eq!(outbox.attach(1, tx), MAX_KEPT);
+        assert_eq!(outbox.attach(1, tx), MAX_UNSENT);
         let got = received(&mut rx);
-        assert_eq!(got.len(), MAX_KEPT);
+        assert_eq!(got.len(), MAX_UNSENT);
         assert_eq!(got[0], "run-2");
-        assert_eq!(got[MAX_KEPT - 1], format!("run-{}", MAX_KEPT + 1));
+        assert_eq!(got[MAX_UNSENT - 1], format!("run-{}", MAX_UNSENT + 1));
+    }
+
+    #[test]
+    fn a_burst_of_results_in_doubt_when_the_stream_breaks_is_kept_whole() {
+        // A burst due at one instant: more results than are kept in doubt go out at
+        // once, the stream breaks, more come while it is down; none may be dropped.
+        let outbox = Outbox::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        outbox.attach(1, tx);
+        let burst = MAX_IN_DOUBT * 3;
+        for i in 0..burst {
+            outbox.send(result(&format!("run-{i}")), 1);
+        }
+        assert_eq!(received(&mut rx).len(), burst);
+        outbox.detach(1);
+        for i in burst..burst * 2 {
+            outbox.send(result(&format!("run-{i}")), 1);
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        assert_eq!(outbox.attach(2, tx), MAX_IN_DOUBT + burst);
+        let got = received(&mut rx);
+        assert_eq!(
+            got[0],
+            format!("run-{}", burst - MAX_IN_DOUBT),
+            "the latest in doubt first"
+        );
+        assert_eq!(got.last(), Some(&format!("run-{}", burst * 2 - 1)));
     }
 
     #[test]

@@ -177,7 +177,7 @@ impl WorkerService for WorkerApi {
                         break;
                     }
                     Err(status) => {
-                        warn!(worker = %worker_id, error = %status.message(), "worker stream failed");
+                        warn!(worker = %worker_id, error = %touchpoint_proto::describe_status(&status), "worker stream failed");
                         break;
                     }
                 }

@@ -5,7 +5,7 @@
 //!
 //! It flushes the Redis it is pointed at: give it a throwaway one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,6 +15,7 @@ use clap::{Parser, ValueEnum};
 use serde_json::json;
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
+use touchpoint_proto::telemetry::{LogFormat, Telemetry};
 use touchpoint_proto::v1::{
     EnrollBatchRequest, EnrollItem, GetStatsRequest, PausePlaybookRequest, ResumePlaybookRequest,
 };
@@ -86,6 +87,9 @@ enum Scenario {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The scheduler's and worker's logs on stderr, when RUST_LOG asks for them.
+    let telemetry =
+        std::env::var_os("RUST_LOG").map(|_| Telemetry::init("touchpoint-bench", LogFormat::Text));
     let redis = Redis::connect(&args.redis_url).await?;
     redis.flush().await?;
     let bench = Bench::start(&args).await?;
@@ -96,6 +100,9 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Idle => enroll(&args, &bench, &redis, false).await?,
     };
     bench.stop().await;
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
+    }
     if args.json {
         println!("{report}");
     } else {
@@ -155,6 +162,7 @@ async fn chain(args: &Args, bench: &Bench, redis: &Redis) -> anyhow::Result<serd
         "redis_cmds_per_step": after.commands_since(&before) as f64 / total as f64,
         "redis_cpu_us_per_step": after.cpu_us_since(&before) / total as f64,
         "top_cmds_per_step": after.top_commands_since(&before, total),
+        "faults": bench.faults().await,
         "partitions": args.partitions,
         "claim_batch": args.claim_batch,
         "concurrency": args.concurrency,
@@ -210,6 +218,7 @@ async fn burst(args: &Args, bench: &Bench, redis: &Redis) -> anyhow::Result<serd
         "redis_cmds_per_step": after.commands_since(&before) as f64 / contacts as f64,
         "redis_cpu_us_per_step": after.cpu_us_since(&before) / contacts as f64,
         "top_cmds_per_step": after.top_commands_since(&before, contacts),
+        "faults": bench.faults().await,
         "partitions": args.partitions,
         "claim_batch": args.claim_batch,
         "hand_out_ahead": args.hand_out_ahead,
@@ -441,12 +450,24 @@ impl Bench {
             }
             if started.elapsed() > timeout {
                 bail!(
-                    "{} of {runs} runs completed after {timeout:?}",
-                    stats.completed
+                    "{} of {runs} runs completed after {timeout:?} ({})",
+                    stats.completed,
+                    self.faults().await
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// What went wrong along the way: steps delivered twice, worker results refused as
+    /// stale, leases that expired.
+    async fn faults(&self) -> serde_json::Value {
+        let scheduler = &touchpoint_proto::metrics::metrics().scheduler;
+        json!({
+            "duplicate_deliveries": self.recorder.duplicates().await,
+            "stale_results": scheduler.stale_results.get(),
+            "leases_expired": scheduler.leases_expired.get(),
+        })
     }
 
     async fn stop(self) {
@@ -458,11 +479,23 @@ impl Bench {
 }
 
 /// The no-op channel: records when each delivery reached it (ms) and answers at once.
+/// A step delivered more than once (same idempotency key) counts once toward what is
+/// expected, and as a duplicate.
 #[derive(Debug, Default)]
 struct Recorder {
-    times: Mutex<Vec<i64>>,
+    deliveries: Mutex<Deliveries>,
     expected: AtomicUsize,
     all_in: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Deliveries {
+    /// When each step was first delivered (ms).
+    times: Vec<i64>,
+    /// The steps delivered (idempotency keys).
+    seen: HashSet<String>,
+    /// Deliveries of a step delivered before.
+    duplicates: usize,
 }
 
 impl Recorder {
@@ -475,7 +508,7 @@ impl Recorder {
         tokio::time::timeout(timeout, async {
             loop {
                 let notified = self.all_in.notified();
-                if self.times.lock().await.len() >= expected {
+                if self.deliveries.lock().await.times.len() >= expected {
                     return;
                 }
                 notified.await;
@@ -486,20 +519,29 @@ impl Recorder {
     }
 
     async fn first_ms(&self) -> i64 {
-        self.times.lock().await.iter().copied().min().unwrap_or(0)
+        let deliveries = self.deliveries.lock().await;
+        deliveries.times.iter().copied().min().unwrap_or(0)
     }
 
     async fn times(&self) -> Vec<i64> {
-        self.times.lock().await.clone()
+        self.deliveries.lock().await.times.clone()
+    }
+
+    async fn duplicates(&self) -> usize {
+        self.deliveries.lock().await.duplicates
     }
 }
 
 #[async_trait::async_trait]
 impl ChannelAdapter for Recorder {
-    async fn deliver(&self, _delivery: &Delivery) -> Result<Delivered, ChannelError> {
-        let mut times = self.times.lock().await;
-        times.push(now_ms());
-        if times.len() >= self.expected.load(Ordering::SeqCst) {
+    async fn deliver(&self, delivery: &Delivery) -> Result<Delivered, ChannelError> {
+        let mut deliveries = self.deliveries.lock().await;
+        if deliveries.seen.insert(delivery.idempotency_key.clone()) {
+            deliveries.times.push(now_ms());
+        } else {
+            deliveries.duplicates += 1;
+        }
+        if deliveries.times.len() >= self.expected.load(Ordering::SeqCst) {
             self.all_in.notify_waiters();
         }
         Ok(Delivered::new("ok"))
