@@ -587,27 +587,27 @@ impl Store {
             .arg(self.keys.playbook_runs_prefix(p))
             .arg(self.keys.stats_prefix(p));
         for run in runs {
-            let mut run_fields: Vec<(&str, String)> = vec![
-                ("st", RunStatus::Active.as_str().to_owned()),
-                ("pb", run.playbook.clone()),
-                ("v", run.version.to_string()),
-                ("c", run.contact.id.clone()),
-                ("i", run.first_step.to_string()),
-                ("a", "1".to_owned()),
-                ("f", "1".to_owned()),
-                ("due", run.due_ms.to_string()),
-                ("ca", run.now_ms.to_string()),
+            let mut run_fields: Vec<(&str, Vec<u8>)> = vec![
+                ("st", RunStatus::Active.as_str().into()),
+                ("pb", run.playbook.clone().into_bytes()),
+                ("v", run.version.to_string().into_bytes()),
+                ("c", run.contact.id.clone().into_bytes()),
+                ("i", run.first_step.to_string().into_bytes()),
+                ("a", b"1".to_vec()),
+                ("f", b"1".to_vec()),
+                ("due", run.due_ms.to_string().into_bytes()),
+                ("ca", run.now_ms.to_string().into_bytes()),
                 // (No `ua` yet: a run not updated since is as old as `ca` says.)
                 ("tp", pack_traceparent(&run.traceparent)),
             ];
             if let Some(step) = run.then_step {
-                run_fields.push(("wn", format!("{} {step}", run.first_step)));
+                run_fields.push(("wn", format!("{} {step}", run.first_step).into_bytes()));
             }
             if run.goal.is_some() {
-                run_fields.push(("g", "1".to_owned()));
+                run_fields.push(("g", b"1".to_vec()));
             }
             if let Some(trigger) = &run.trigger {
-                run_fields.push(("ev", trigger.clone()));
+                run_fields.push(("ev", trigger.clone().into_bytes()));
             }
             let reentry = match run.reentry {
                 Reentry::Never => "never".to_owned(),
@@ -978,7 +978,7 @@ impl Store {
                 known.push(false);
             }
         }
-        let answers: Vec<(BTreeMap<String, String>, Option<f64>)> = if known.iter().any(|k| *k) {
+        let answers: Vec<(BTreeMap<String, Vec<u8>>, Option<f64>)> = if known.iter().any(|k| *k) {
             let flat = self.conn.query_each(commands).await?;
             flat.chunks(2)
                 .map(|pair| {
@@ -1024,22 +1024,30 @@ impl Store {
 }
 
 /// A sampled W3C traceparent (`00-<32 hex trace id>-<16 hex span id>-01`) as kept in a
-/// run hash: its 48 hex digits alone, 7 bytes fewer in every run; any other kept whole.
-fn pack_traceparent(traceparent: &str) -> String {
-    match traceparent.split('-').collect::<Vec<_>>().as_slice() {
+/// run hash: its trace and span ids as 24 raw bytes, 31 bytes fewer in every run (which
+/// takes a run hash a size class down); any other is kept whole as text.
+fn pack_traceparent(traceparent: &str) -> Vec<u8> {
+    let ids = match traceparent.split('-').collect::<Vec<_>>().as_slice() {
         ["00", trace, span, "01"] if trace.len() == 32 && span.len() == 16 => {
-            format!("{trace}{span}")
+            hex::decode(format!("{trace}{span}")).ok()
         }
-        _ => traceparent.to_owned(),
-    }
+        _ => None,
+    };
+    ids.unwrap_or_else(|| traceparent.as_bytes().to_vec())
 }
 
-/// The traceparent a [`pack_traceparent`] text stands for.
-fn unpack_traceparent(kept: String) -> String {
-    let hex = kept.len() == 48 && kept.bytes().all(|b| b.is_ascii_hexdigit());
-    match (hex, kept.get(..32), kept.get(32..)) {
-        (true, Some(trace), Some(span)) => format!("00-{trace}-{span}-01"),
-        _ => kept,
+/// The traceparent a [`pack_traceparent`] value stands for (also the 48 hex digits
+/// earlier versions kept).
+fn unpack_traceparent(kept: &[u8]) -> String {
+    let text = String::from_utf8_lossy(kept);
+    let old_hex = kept.len() == 48 && kept.iter().all(u8::is_ascii_hexdigit);
+    match kept.len() {
+        24 => {
+            let ids = hex::encode(kept);
+            format!("00-{}-{}-01", &ids[..32], &ids[32..])
+        }
+        48 if old_hex => format!("00-{}-{}-01", &text[..32], &text[32..]),
+        _ => text.into_owned(),
     }
 }
 
@@ -1071,7 +1079,7 @@ fn parse_claimed(partition: u16, entries: Vec<redis::Value>) -> Result<Vec<Claim
             String,
             usize,
             u32,
-            Option<String>,
+            Option<Vec<u8>>,
             Option<i64>,
             Vec<String>,
             (String, String, String, String),
@@ -1104,7 +1112,7 @@ fn parse_claimed(partition: u16, entries: Vec<redis::Value>) -> Result<Vec<Claim
             ),
             step_index,
             attempt,
-            traceparent: unpack_traceparent(traceparent.unwrap_or_default()),
+            traceparent: unpack_traceparent(&traceparent.unwrap_or_default()),
             due_ms: due_ms.unwrap_or_default(),
             waiting_step: waiting_step.parse().ok(),
             created_ms: created_ms.parse().unwrap_or_default(),
@@ -1117,19 +1125,19 @@ fn parse_claimed(partition: u16, entries: Vec<redis::Value>) -> Result<Vec<Claim
 
 fn run_record(
     run_id: &str,
-    fields: &BTreeMap<String, String>,
+    fields: &BTreeMap<String, Vec<u8>>,
     leased: bool,
 ) -> Result<Option<RunRecord>> {
     if fields.is_empty() {
         return Ok(None);
     }
-    let text = |name: &str| fields.get(name).cloned().unwrap_or_default();
-    let number = |name: &str| {
+    let text = |name: &str| {
         fields
             .get(name)
-            .and_then(|v| v.parse::<i64>().ok())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_default()
     };
+    let number = |name: &str| text(name).parse::<i64>().unwrap_or_default();
     let status = RunStatus::parse(&text("st")).ok_or_else(|| protocol("run without a status"))?;
     let timeline = text("t")
         .lines()
@@ -1145,16 +1153,15 @@ fn run_record(
         attempt: u32::try_from(number("a")).unwrap_or_default(),
         due_ms: number("due"),
         created_ms: number("ca"),
-        updated_ms: fields
-            .get("ua")
+        updated_ms: Some(text("ua"))
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| number("ca")),
-        traceparent: unpack_traceparent(text("tp")),
+        traceparent: unpack_traceparent(fields.get("tp").map_or(&[], Vec::as_slice)),
         detail: text("d"),
         timeline,
         leased,
         fence: u64::try_from(number("f")).unwrap_or_default(),
-        waiting_step: fields.get("ws").and_then(|v| v.parse().ok()),
+        waiting_step: text("ws").parse().ok(),
     }))
 }
 
@@ -1186,15 +1193,21 @@ mod tests {
     fn sampled_traceparents_are_kept_short_and_come_back_whole() {
         let sampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let kept = pack_traceparent(sampled);
-        assert_eq!(kept.len(), 48);
-        assert_eq!(unpack_traceparent(kept), sampled);
+        assert_eq!(kept.len(), 24);
+        assert_eq!(unpack_traceparent(&kept), sampled);
+        // As earlier versions kept it.
+        assert_eq!(
+            unpack_traceparent(b"0af7651916cd43dd8448eb211c80319cb7ad6b7169203331"),
+            sampled
+        );
         for other in [
             "",
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
             "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333x-01",
         ] {
-            assert_eq!(pack_traceparent(other), other);
-            assert_eq!(unpack_traceparent(other.to_owned()), other);
+            assert_eq!(pack_traceparent(other), other.as_bytes());
+            assert_eq!(unpack_traceparent(other.as_bytes()), other);
         }
     }
 }

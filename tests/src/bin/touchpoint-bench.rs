@@ -674,8 +674,12 @@ impl Redis {
 
     async fn connect(url: &str) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
+        // FLUSHALL of an earlier run's data takes longer than the default reply timeout
+        // on a busy machine.
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(60)));
         let conn = client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .with_context(|| format!("cannot reach Redis at {url}"))?;
         Ok(Self { conn })
