@@ -65,12 +65,28 @@ pub fn describe_status(status: &tonic::Status) -> String {
     let mut text = format!("{:?}: {}", status.code(), status.message());
     let mut source = std::error::Error::source(status);
     while let Some(cause) = source {
+        // A status wrapping another repeats its message (and its Display lists its own
+        // fields); the causes below it say the rest.
         let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
+        if cause.downcast_ref::<tonic::Status>().is_none() && !text.contains(&cause_text) {
             text.push_str(": ");
             text.push_str(&cause_text);
         }
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_status;
+
+    #[test]
+    fn a_status_is_described_with_its_causes_once_each() {
+        let io = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "broken pipe");
+        let status = tonic::Status::from_error(Box::new(io));
+        assert_eq!(describe_status(&status), "Unknown: broken pipe");
+        let plain = tonic::Status::unavailable("scheduler stopping");
+        assert_eq!(describe_status(&plain), "Unavailable: scheduler stopping");
+    }
 }

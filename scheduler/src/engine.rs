@@ -1419,7 +1419,7 @@ impl Engine {
     /// worker to re-attach) back to `due` at once, so another scheduler hands it out
     /// without waiting for the lease. The attempt is not counted (its outcome is unknown,
     /// and a restart must not fail runs); the idempotency key stays the same. A late
-    /// report of such a step is refused.
+    /// report of such a step is refused. Steps handed out ahead stay with their workers.
     pub(crate) fn begin_shutdown(&self) {
         self.draining.store(true, Ordering::SeqCst);
         let held: Vec<(String, InFlight)> = lock(&self.in_flight).drain().collect();
@@ -1429,7 +1429,11 @@ impl Engine {
         let now = now_ms();
         for (run_id, f) in held {
             if f.ahead {
-                self.revoke(&run_id, &f);
+                // Not started: left with its worker, which sends it at its due time and
+                // reports to whichever scheduler it is attached to then (the result is
+                // applied under its fencing token). A revoke could be lost with the
+                // closing stream, and the step would then go out twice.
+                continue;
             }
             let completion = Completion {
                 run_id,

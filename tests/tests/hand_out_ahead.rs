@@ -1,11 +1,12 @@
 //! `--hand-out-ahead`: sends due within the window are handed to workers before their
 //! due time and go out at it, never before; a run cancelled meanwhile is revoked; a
-//! worker that dies holding them loses nothing.
+//! worker that dies holding them, or a scheduler that stops, loses nothing and sends
+//! nothing twice.
 
 use std::time::{Duration, Instant};
 
 use touchpoint_proto::v1::{CancelRunRequest, RunStatus, StepStatus};
-use touchpoint_tests::{Stack, contact, request_id, run_summary, stays};
+use touchpoint_tests::{Stack, contact, eventually, request_id, run_summary, stays};
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -157,6 +158,60 @@ async fn a_worker_killed_while_holding_sends_ahead_loses_none() {
     assert_eq!(
         stack.receiver.count(),
         runs.len(),
+        "a send went out twice:\n{}",
+        stack.receiver.summary()
+    );
+}
+
+/// The scheduler is stopped (SIGTERM) while its worker holds sends ahead: they stay with
+/// the worker, which sends them at their due time and reports to the next scheduler.
+/// Each goes out once (a revoke lost with the closing stream sent one twice), not before
+/// its due time, at its first attempt, long before the lease (a lease after the due
+/// time) would have run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_stopped_while_its_worker_holds_sends_ahead_loses_none() {
+    let mut stack = start(&["--lease", "5m"]).await;
+    let (runs, before) = enroll(&mut stack, 3).await;
+    tokio::time::sleep_until((before + Duration::from_millis(3500)).into()).await;
+    for run_id in &runs {
+        assert_handed_out(&mut stack, run_id).await;
+    }
+    stack.scheduler.process().signal("TERM");
+    let scheduler = &mut stack.scheduler;
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let running = scheduler.is_running();
+            async move { !running }
+        })
+        .await,
+        "the scheduler did not exit after SIGTERM:\n{}",
+        stack.scheduler.process().log_tail(30)
+    );
+    stack.restart_scheduler().await;
+
+    let requests = stack.receiver.wait_for(runs.len(), TIMEOUT).await;
+    for request in &requests {
+        assert!(
+            request.received_at >= before + WAIT,
+            "delivered before its due time:\n{}",
+            stack.receiver.summary()
+        );
+        assert_eq!(request.attempt(), 1, "{}", stack.receiver.summary());
+    }
+    for run_id in &runs {
+        let done = stack
+            .client
+            .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)
+            .await;
+        assert_eq!(done.steps[1].attempts, 1, "{}", run_summary(&done));
+    }
+    let sent = runs.len();
+    assert!(
+        stays(Duration::from_secs(2), || {
+            let count = stack.receiver.count();
+            async move { count == sent }
+        })
+        .await,
         "a send went out twice:\n{}",
         stack.receiver.summary()
     );
