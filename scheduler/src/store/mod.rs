@@ -978,7 +978,7 @@ impl Store {
                 known.push(false);
             }
         }
-        let answers: Vec<(BTreeMap<String, Vec<u8>>, Option<f64>)> = if known.iter().any(|k| *k) {
+        let answers: Vec<(RunFields, Option<f64>)> = if known.iter().any(|k| *k) {
             let flat = self.conn.query_each(commands).await?;
             flat.chunks(2)
                 .map(|pair| {
@@ -1123,11 +1123,10 @@ fn parse_claimed(partition: u16, entries: Vec<redis::Value>) -> Result<Vec<Claim
     Ok(runs)
 }
 
-fn run_record(
-    run_id: &str,
-    fields: &BTreeMap<String, Vec<u8>>,
-    leased: bool,
-) -> Result<Option<RunRecord>> {
+/// A run hash's fields as read (values are bytes: `tp` is binary).
+type RunFields = BTreeMap<String, Vec<u8>>;
+
+fn run_record(run_id: &str, fields: &RunFields, leased: bool) -> Result<Option<RunRecord>> {
     if fields.is_empty() {
         return Ok(None);
     }
