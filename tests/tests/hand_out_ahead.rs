@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use touchpoint_proto::v1::{CancelRunRequest, RunStatus, StepStatus};
-use touchpoint_tests::{Stack, contact, eventually, request_id, run_summary, stays};
+use touchpoint_tests::{ReceivedRequest, Stack, contact, request_id, run_summary, stays};
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,6 +50,19 @@ async fn assert_handed_out(stack: &mut Stack, run_id: &str) {
     );
 }
 
+/// Checks that no request reached the receiver before its due time (`WAIT` after
+/// `before`, a moment before the runs were enrolled).
+fn assert_none_early(stack: &Stack, requests: &[ReceivedRequest], before: Instant) {
+    for request in requests {
+        assert!(
+            request.received_at >= before + WAIT,
+            "delivered {:?} after enrollment began, before its due time:\n{}",
+            request.received_at - before,
+            stack.receiver.summary()
+        );
+    }
+}
+
 /// Four seconds in (after the hand-out at about two, before the due time at five), every
 /// send is with the worker, none delivered; each reaches the receiver once, not before
 /// its due time, at its first attempt.
@@ -64,13 +77,8 @@ async fn sends_handed_out_ahead_go_out_at_their_due_time() {
     assert_eq!(stack.receiver.count(), 0, "{}", stack.receiver.summary());
 
     let requests = stack.receiver.wait_for(runs.len(), TIMEOUT).await;
+    assert_none_early(&stack, &requests, before);
     for request in &requests {
-        assert!(
-            request.received_at >= before + WAIT,
-            "delivered {:?} after enrollment began, before its due time:\n{}",
-            request.received_at - before,
-            stack.receiver.summary()
-        );
         assert_eq!((request.step(), request.attempt()), ("greet", 1));
     }
     for run_id in &runs {
@@ -141,13 +149,7 @@ async fn a_worker_killed_while_holding_sends_ahead_loses_none() {
     stack.start_worker("w-2");
 
     let requests = stack.receiver.wait_for(runs.len(), TIMEOUT).await;
-    for request in &requests {
-        assert!(
-            request.received_at >= before + WAIT,
-            "delivered before its due time:\n{}",
-            stack.receiver.summary()
-        );
-    }
+    assert_none_early(&stack, &requests, before);
     for run_id in &runs {
         let done = stack
             .client
@@ -176,26 +178,12 @@ async fn a_scheduler_stopped_while_its_worker_holds_sends_ahead_loses_none() {
     for run_id in &runs {
         assert_handed_out(&mut stack, run_id).await;
     }
-    stack.scheduler.process().signal("TERM");
-    let scheduler = &mut stack.scheduler;
-    assert!(
-        eventually(Duration::from_secs(15), || {
-            let running = scheduler.is_running();
-            async move { !running }
-        })
-        .await,
-        "the scheduler did not exit after SIGTERM:\n{}",
-        stack.scheduler.process().log_tail(30)
-    );
+    stack.scheduler.terminate().await;
     stack.restart_scheduler().await;
 
     let requests = stack.receiver.wait_for(runs.len(), TIMEOUT).await;
+    assert_none_early(&stack, &requests, before);
     for request in &requests {
-        assert!(
-            request.received_at >= before + WAIT,
-            "delivered before its due time:\n{}",
-            stack.receiver.summary()
-        );
         assert_eq!(request.attempt(), 1, "{}", stack.receiver.summary());
     }
     for run_id in &runs {

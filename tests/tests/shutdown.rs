@@ -1,13 +1,10 @@
 //! A scheduler stopped with SIGTERM exits promptly even with workers attached, and gives
 //! the steps its workers held back at once instead of leaving them to lease expiry.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use touchpoint_proto::v1::RunStatus;
-use touchpoint_tests::{Stack, contact, eventually, request_id};
+use touchpoint_tests::{Stack, contact, request_id};
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,23 +23,8 @@ async fn sigterm_hands_held_steps_back_at_once_and_exits() {
         .run_id;
     let first = stack.receiver.wait_for(1, TIMEOUT).await;
 
-    let pid = stack.scheduler.process().id().expect("scheduler running");
     let stopped_at = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let scheduler = &mut stack.scheduler;
-    assert!(
-        eventually(Duration::from_secs(15), || {
-            let running = scheduler.is_running();
-            async move { !running }
-        })
-        .await,
-        "the scheduler did not exit after SIGTERM with a worker attached:\n{}",
-        stack.scheduler.process().log_tail(30)
-    );
+    stack.scheduler.terminate().await;
     eprintln!("scheduler exited {:?} after SIGTERM", stopped_at.elapsed());
 
     // A new scheduler on the same port: the worker re-attaches and the step goes out
