@@ -1311,6 +1311,7 @@ impl Engine {
             let block_ms = penalty_ms(result.retry_after_ms);
             self.penalize(action.channel.clone(), block_ms).await;
         }
+        let now = now_ms();
         let in_flight = InFlight {
             connection: DETACHED,
             worker_id,
@@ -1323,8 +1324,15 @@ impl Engine {
             channel: action.channel.clone(),
             playbook: Arc::clone(&playbook),
             span: Span::none(),
-            ahead: false,
+            // A step leased before its due time was handed out ahead.
+            ahead: run.due_ms > now,
         };
+        if in_flight.ahead && result.outcome() == Outcome::Retryable {
+            // Handed out ahead by an earlier scheduler, and handed back unstarted by its
+            // stopping worker: due again at its time, the attempt not counted.
+            self.give_back(&result.run_id, &in_flight, &result.detail);
+            return;
+        }
         self.finish_reported(in_flight, result);
     }
 

@@ -145,21 +145,10 @@ impl SchedulerNode {
         self.process.kill9();
     }
 
-    /// Stops the scheduler with SIGTERM and waits for it to exit.
-    ///
-    /// # Panics
-    /// When it is still running after 15 s (its log tail is printed).
+    /// Stops the scheduler with SIGTERM and waits for it to exit (see
+    /// [`Process::terminate`]).
     pub async fn terminate(&mut self) {
-        self.process.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.process.is_running() {
-            assert!(
-                Instant::now() < deadline,
-                "the scheduler did not exit within 15 s of SIGTERM:\n{}",
-                self.process.log_tail(30)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.process.terminate().await;
     }
 
     /// Starts it again with the same flags and port (after [`SchedulerNode::kill9`]).

@@ -6,6 +6,7 @@ use std::{
     io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use tempfile::TempDir;
@@ -152,6 +153,24 @@ impl Process {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -s {signal} {pid} failed: {status}");
+    }
+
+    /// Stops the process with SIGTERM and waits for it to exit.
+    ///
+    /// # Panics
+    /// When it is still running after 15 s (its log tail is printed).
+    pub async fn terminate(&mut self) {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.is_running() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within 15 s of SIGTERM:\n{}",
+                self.name,
+                self.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Freezes the process (SIGSTOP): it keeps its sockets open but does nothing, like a

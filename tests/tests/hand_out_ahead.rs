@@ -204,3 +204,42 @@ async fn a_scheduler_stopped_while_its_worker_holds_sends_ahead_loses_none() {
         stack.receiver.summary()
     );
 }
+
+/// The scheduler stops while its worker holds sends ahead, then the worker stops too,
+/// before the due time: the next scheduler, which never handed them out, takes the
+/// worker's hand-back as one (due again at its time, the attempt not counted), and
+/// another worker sends each once, at its time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_ahead_handed_back_to_the_next_scheduler_go_out_at_their_time() {
+    let mut stack = start(&["--lease", "5m"]).await;
+    let (runs, before) = enroll(&mut stack, 3).await;
+    tokio::time::sleep_until((before + Duration::from_millis(3200)).into()).await;
+    for run_id in &runs {
+        assert_handed_out(&mut stack, run_id).await;
+    }
+    stack.scheduler.terminate().await;
+    stack.restart_scheduler().await;
+    stack.worker("w-1").process().terminate().await;
+    assert!(
+        Instant::now() < before + WAIT,
+        "too slow: the worker stopped after the due time"
+    );
+    stack.start_worker("w-2");
+
+    let requests = stack.receiver.wait_for(runs.len(), TIMEOUT).await;
+    assert_none_early(&stack, &requests, before);
+    for run_id in &runs {
+        let done = stack
+            .client
+            .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)
+            .await;
+        assert_eq!(done.steps[1].worker, "w-2", "{}", run_summary(&done));
+        assert_eq!(done.steps[1].attempts, 1, "{}", run_summary(&done));
+    }
+    assert_eq!(
+        stack.receiver.count(),
+        runs.len(),
+        "{}",
+        stack.receiver.summary()
+    );
+}
