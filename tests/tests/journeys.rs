@@ -12,7 +12,7 @@ use touchpoint_proto::v1::{
 };
 use touchpoint_tests::{
     SECRET_ENV, SchedulerNode, Stack, TouchpointClient, WorkerNode, contact, eventually,
-    request_id, stays, to_map,
+    request_id, run_summary, stays, to_map,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
@@ -213,6 +213,36 @@ async fn an_event_just_before_the_wait_for_is_not_missed() {
         step(&run, "wait-order")
     );
     assert_eq!(delivered(&stack, "c-race"), ["hello", "thanks"]);
+}
+
+/// An order placed before the run started does not satisfy the run's wait_for: the
+/// lookback counts events since the run was created, which its id tells (the script
+/// decodes the id's timestamp); the timeout path follows.
+#[tokio::test]
+async fn an_event_before_the_run_started_does_not_satisfy_its_wait_for() {
+    let mut stack = Stack::start(NODE, &[], &["crm"]).await;
+    stack.apply(FLOW).await;
+    event(
+        &mut stack.client,
+        "c-early",
+        "order.placed",
+        &[("order", "A-1")],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let run = stack
+        .enroll("flow", contact("c-early", &[], &[]), &request_id())
+        .await;
+    let run = stack
+        .client
+        .wait_for_status(&run.run_id, RunStatus::Completed, TIMEOUT)
+        .await;
+    assert_eq!(
+        delivered(&stack, "c-early"),
+        ["hello", "remind", "after"],
+        "{}",
+        run_summary(&run)
+    );
 }
 
 const ENTRY: &str = r#"

@@ -180,6 +180,21 @@ pub fn partition_of_run(run_id: &str, partitions: u16) -> Option<u16> {
     partition.parse().ok().filter(|p| *p < partitions)
 }
 
+/// When the run was created (ms since the epoch): the UUIDv7 timestamp its id is made
+/// of (also for the 32-hex-digit ids of earlier versions). Runs no longer store it.
+pub fn created_ms_of_run(run_id: &str) -> Option<i64> {
+    let (id, _) = run_id.rsplit_once('-')?;
+    let number = match id.len() {
+        RUN_ID_DIGITS => id.bytes().try_fold(0_u128, |number, byte| {
+            let digit = BASE62.iter().position(|&c| c == byte)?;
+            number.checked_mul(62)?.checked_add(digit as u128)
+        })?,
+        32 => u128::from_str_radix(id, 16).ok()?,
+        _ => return None,
+    };
+    i64::try_from(number >> 80).ok()
+}
+
 /// The partition of a contact: FNV-1a of its id, stable across versions and platforms.
 pub fn partition_of_contact(contact_id: &str, partitions: u16) -> u16 {
     let mut hash: u32 = 0x811c_9dc5;
@@ -199,6 +214,25 @@ pub fn idempotency_key(run_id: &str, step_id: &str) -> String {
 mod tests {
     use super::*;
     use crate::playbook::parse;
+
+    #[test]
+    fn run_ids_tell_when_they_were_made() {
+        let before = chrono::Utc::now().timestamp_millis();
+        let id = new_run_id(3);
+        let after = chrono::Utc::now().timestamp_millis();
+        let created = created_ms_of_run(&id).expect("a new id");
+        assert!(
+            (before..=after).contains(&created),
+            "{before} {created} {after}"
+        );
+        // An id of an earlier version: a UUIDv7 starts with its 48-bit ms timestamp.
+        assert_eq!(
+            created_ms_of_run("019ae3f2c0a87c3d9b1e5f6a7b8c9d0e-5"),
+            Some(0x019a_e3f2_c0a8)
+        );
+        assert_eq!(created_ms_of_run("nonsense"), None);
+        assert_eq!(created_ms_of_run("0BnkvQ4yS1ZKF7Qm2Hc3a_-1"), None);
+    }
 
     #[test]
     fn run_ids_name_their_partition() {

@@ -34,7 +34,7 @@ pub use schedules::{AudiencePage, ScheduleState, TickClaim, TickCounts, TickProg
 
 use crate::{
     playbook::Reentry,
-    run::{RunStatus, TimelineEntry, partition_of_run},
+    run::{RunStatus, TimelineEntry, created_ms_of_run, partition_of_run},
 };
 
 /// Redis errors, as the API reports them.
@@ -596,8 +596,8 @@ impl Store {
                 ("a", b"1".to_vec()),
                 ("f", b"1".to_vec()),
                 ("due", run.due_ms.to_string().into_bytes()),
-                ("ca", run.now_ms.to_string().into_bytes()),
-                // (No `ua` yet: a run not updated since is as old as `ca` says.)
+                // No `ca`: a run is as old as its id says (`created_ms_of_run`), and no
+                // `ua` yet: a run not updated since is that old.
                 ("tp", pack_traceparent(&run.traceparent)),
             ];
             if let Some(step) = run.then_step {
@@ -1097,6 +1097,13 @@ fn parse_claimed(partition: u16, entries: Vec<redis::Value>) -> Result<Vec<Claim
             contact,
             (waiting_step, created_ms, trigger, resume_state),
         ): Row = redis::from_redis_value(entry)?;
+        // Earlier versions kept `ca`; a run is as old as its id says.
+        let created_ms = created_ms
+            .parse()
+            .ok()
+            .filter(|ms| *ms > 0)
+            .or_else(|| created_ms_of_run(&run_id))
+            .unwrap_or_default();
         runs.push(ClaimedRun {
             run_id,
             partition,
@@ -1115,7 +1122,7 @@ fn parse_claimed(partition: u16, entries: Vec<redis::Value>) -> Result<Vec<Claim
             traceparent: unpack_traceparent(&traceparent.unwrap_or_default()),
             due_ms: due_ms.unwrap_or_default(),
             waiting_step: waiting_step.parse().ok(),
-            created_ms: created_ms.parse().unwrap_or_default(),
+            created_ms,
             trigger: (!trigger.is_empty()).then_some(trigger),
             resume_state,
         });
@@ -1138,6 +1145,12 @@ fn run_record(run_id: &str, fields: &RunFields, leased: bool) -> Result<Option<R
     };
     let number = |name: &str| text(name).parse::<i64>().unwrap_or_default();
     let status = RunStatus::parse(&text("st")).ok_or_else(|| protocol("run without a status"))?;
+    // Earlier versions kept `ca`; a run is as old as its id says.
+    let created_ms = text("ca")
+        .parse()
+        .ok()
+        .or_else(|| created_ms_of_run(run_id))
+        .unwrap_or_default();
     let timeline = text("t")
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
@@ -1151,10 +1164,8 @@ fn run_record(run_id: &str, fields: &RunFields, leased: bool) -> Result<Option<R
         step_index: usize::try_from(number("i")).unwrap_or_default(),
         attempt: u32::try_from(number("a")).unwrap_or_default(),
         due_ms: number("due"),
-        created_ms: number("ca"),
-        updated_ms: Some(text("ua"))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| number("ca")),
+        created_ms,
+        updated_ms: text("ua").parse().unwrap_or(created_ms),
         traceparent: unpack_traceparent(fields.get("tp").map_or(&[], Vec::as_slice)),
         detail: text("d"),
         timeline,

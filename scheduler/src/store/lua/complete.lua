@@ -63,6 +63,28 @@ local function finish(key, id, run, status, fields, dead)
   end
   count(stats_prefix .. run[3] .. ':' .. run[4], 'runs:' .. status)
 end
+-- When a run was created (ms): the UUIDv7 timestamp its id is made of, the top 48 of
+-- its 128 bits (22 base62 digits, summed exactly in 24-bit limbs; or the first 12 of
+-- the 32 hex digits of earlier ids). Runs no longer store it (`ca` of earlier runs).
+local base62 = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
+local function created_of(id)
+  local dash = string.find(id, '-', 1, true)
+  local digits = dash and string.sub(id, 1, dash - 1) or id
+  if #digits == 32 then
+    return tonumber(string.sub(digits, 1, 12), 16)
+  end
+  local limbs = {0, 0, 0, 0, 0, 0}
+  for n = 1, #digits do
+    local carry = (string.find(base62, string.sub(digits, n, n), 1, true) or 1) - 1
+    for k = 1, 6 do
+      local value = limbs[k] * 62 + carry
+      limbs[k] = value % 16777216
+      carry = math.floor(value / 16777216)
+    end
+  end
+  -- Bits 80..127: limb 4 holds bits 72..95, limb 5 96..119, limb 6 120..143.
+  return math.floor(limbs[4] / 256) + limbs[5] * 65536 + limbs[6] * 1099511627776
+end
 for i = 12, #ARGV, 14 do
   local id = ARGV[i]
   local key = runs .. id
@@ -81,7 +103,7 @@ for i = 12, #ARGV, 14 do
     end
     if op == 'hold' and ARGV[i + 12] ~= '' then
       -- A wait_for: did the event come already, since the run started?
-      local event, since = ARGV[i + 12], tonumber(run[8] or '0')
+      local event, since = ARGV[i + 12], tonumber(run[8] or created_of(id))
       -- Lookback items are "<ms> <name> <event JSON>".
       local matched = nil
       for _, item in ipairs(redis.call('LRANGE', events_prefix .. run[5], 0, -1)) do
