@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use touchpoint_proto::v1::{CancelRunRequest, RunStatus, StepStatus};
-use touchpoint_tests::{ReceivedRequest, Stack, contact, request_id, run_summary, stays};
+use touchpoint_tests::{
+    ReceivedRequest, Stack, contact, eventually, request_id, run_summary, stays,
+};
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -213,13 +215,41 @@ async fn a_scheduler_stopped_while_its_worker_holds_sends_ahead_loses_none() {
 async fn sends_ahead_handed_back_to_the_next_scheduler_go_out_at_their_time() {
     let mut stack = start(&["--lease", "5m"]).await;
     let (runs, before) = enroll(&mut stack, 3).await;
-    tokio::time::sleep_until((before + Duration::from_millis(3200)).into()).await;
-    for run_id in &runs {
-        assert_handed_out(&mut stack, run_id).await;
-    }
+    // As soon as all are handed out (about two seconds in), for room before the due time.
+    let client = &mut stack.client;
+    assert!(
+        eventually(TIMEOUT, || {
+            let mut client = client.clone();
+            let runs = runs.clone();
+            async move {
+                for run_id in &runs {
+                    if client.run(run_id).await.steps[1].status() != StepStatus::InFlight {
+                        return false;
+                    }
+                }
+                true
+            }
+        })
+        .await
+    );
     stack.scheduler.terminate().await;
     stack.restart_scheduler().await;
-    stack.worker("w-1").process().terminate().await;
+    // Once it is attached to the new scheduler (a worker with no stream open when it
+    // stops has nowhere to hand its sends back: they wait for their leases).
+    let worker = stack.worker("w-1");
+    assert!(
+        eventually(TIMEOUT, || {
+            let attached = worker
+                .process()
+                .log()
+                .matches("attached to the scheduler")
+                .count();
+            async move { attached >= 2 }
+        })
+        .await,
+        "w-1 did not re-attach"
+    );
+    worker.process().terminate().await;
     assert!(
         Instant::now() < before + WAIT,
         "too slow: the worker stopped after the due time"

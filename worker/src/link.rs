@@ -101,6 +101,28 @@ struct Attached {
     tasks: Streaming<SchedulerMessage>,
 }
 
+impl Attached {
+    /// Ends the stream in order: closes the worker's half, which goes out after every
+    /// message queued on it (the results of a stopping worker's last deliveries and
+    /// hand-backs), and waits up to [`CLOSE_TIMEOUT`] for the scheduler to close its
+    /// half. Dropping the stream instead resets it, and what was still queued is lost.
+    async fn close(mut self) {
+        // The outbox let go of its sender (`detach`); this was the other one.
+        self.results = mpsc::unbounded_channel().0;
+        let closed = async {
+            while let Ok(Some(_)) = self.tasks.message().await {
+                // Tasks that come now stay unread (see the main loop).
+            }
+        };
+        if tokio::time::timeout(CLOSE_TIMEOUT, closed).await.is_err() {
+            debug!("the scheduler did not close its half of the stream in time");
+        }
+    }
+}
+
+/// How long a stopping worker waits for a scheduler to close its half of the stream.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What the streams hand to the worker's main loop.
 enum Received {
     /// A task, and the stream it came on.
@@ -352,11 +374,15 @@ impl Link {
                     self.outbox.attach(stream, attached.results.clone());
                     self.count_streams();
                     let served = self.serve(stream, &mut attached, &loops, &stop).await;
-                    if served.is_ok() && loops.shutdown.is_cancelled() {
+                    let closing = served.is_ok() && loops.shutdown.is_cancelled();
+                    if closing {
                         // Results of the deliveries still running go on this stream.
                         loops.closing.cancelled().await;
                     }
                     self.outbox.detach(stream);
+                    if closing {
+                        attached.close().await;
+                    }
                     lock(&self.attached).retain(|_, (s, _)| *s != stream);
                     self.count_streams();
                     match served {

@@ -5,6 +5,7 @@ use std::{pin::Pin, sync::Arc};
 use futures::{Stream, StreamExt as _};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use touchpoint_proto::v1::{
     Peer, Peers, RateLimit, RetryDefaults, SchedulerMessage, Welcome, WorkerMessage,
@@ -132,6 +133,9 @@ impl WorkerService for WorkerApi {
         self.engine.nudge();
         let engine = Arc::clone(&self.engine);
         let stopped = self.engine.shutdown_token().clone();
+        // Cancelled once the worker's half of the stream has ended.
+        let worker_gone = CancellationToken::new();
+        let reader_done = worker_gone.clone();
         tokio::spawn(async move {
             loop {
                 // At shutdown stop reading too: dropping our half resets the stream, so
@@ -184,16 +188,26 @@ impl WorkerService for WorkerApi {
             }
             engine.on_worker_gone(connection);
             engine.nudge();
+            reader_done.cancel();
         });
         // The stream ends when the scheduler stops, so the worker re-attaches elsewhere
-        // and the server's graceful shutdown is not held up by it.
+        // and the server's graceful shutdown is not held up by it; and once the worker
+        // closed its half (it stops, and waits for this end to know that everything it
+        // sent arrived).
+        let shutdown = self.engine.shutdown_token().clone();
+        let ended = async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = worker_gone.cancelled() => {}
+            }
+        };
         // Welcome first, then tasks and the live schedulers as they come.
         let tasks = futures::stream::once(std::future::ready(Ok(welcome)))
             .chain(futures::stream::select(
                 ReceiverStream::new(receiver),
                 peer_messages(self.members.clone()),
             ))
-            .take_until(self.engine.shutdown_token().clone().cancelled_owned());
+            .take_until(ended);
         Ok(Response::new(Box::pin(tasks)))
     }
 }
