@@ -642,6 +642,20 @@ async fn schedulers_share_a_workers_slots() {
     receiver.script((0..RUNS).map(|_| Reply::status(200).held_for(Duration::from_secs(30))));
     let secret = generate_secret();
     let _worker = worker_on_every_scheduler(&mut schedulers, &receiver, &secret, 2).await;
+    // Until its shares arrive, each scheduler counts the worker's whole capacity (the
+    // moment between a Hello and the Share that follows the next attach).
+    for scheduler in &mut schedulers {
+        let shared = eventually(TIMEOUT, || {
+            let log = scheduler.process().log();
+            async move { log.contains("worker's share of its slots worker=w-1 capacity=1") }
+        })
+        .await;
+        assert!(
+            shared,
+            "no share of 1 slot:\n{}",
+            scheduler.process().log_tail(20)
+        );
+    }
 
     for n in 0..RUNS {
         let client = &mut clients[n % 2];
