@@ -51,6 +51,15 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// and full run listings stay well below it.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// HTTP/2 flow-control windows of the worker stream, both ends (bytes). Larger than
+/// hyper's defaults because h2 closes a connection (GOAWAY `too_many_data_frames`,
+/// ENHANCE_YOUR_CALM) once too many small DATA frames wait unread, with a budget of half
+/// the connection window: a burst's results (tens of thousands of small messages within
+/// a second) broke the stream with the defaults.
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+/// See [`CONNECTION_WINDOW_BYTES`].
+pub const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+
 /// Most tasks one worker may hold at once (`Hello.capacity`); a worker whose channels
 /// add up to more announces this.
 pub const MAX_WORKER_CAPACITY: u32 = 10_000;

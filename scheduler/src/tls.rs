@@ -54,7 +54,9 @@ impl ServerTls {
 
     /// A server builder, serving TLS when configured.
     pub(crate) fn server(&self) -> Result<Server, ConfigError> {
-        let server = Server::builder();
+        let server = Server::builder()
+            .initial_connection_window_size(touchpoint_proto::CONNECTION_WINDOW_BYTES)
+            .initial_stream_window_size(touchpoint_proto::STREAM_WINDOW_BYTES);
         let Some(config) = self.config()? else {
             return Ok(server);
         };

@@ -921,6 +921,9 @@ fn endpoint(server: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
     // Plaintext or TLS (with the client certificate for mutual TLS) by the URL's scheme.
     Ok(security::client_endpoint(server, tls)?
         .connect_timeout(CONNECT_TIMEOUT)
+        // Room for a burst of small messages (see the constants' doc).
+        .initial_connection_window_size(touchpoint_proto::CONNECTION_WINDOW_BYTES)
+        .initial_stream_window_size(touchpoint_proto::STREAM_WINDOW_BYTES)
         // Notices a scheduler that vanished without closing the connection.
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
