@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use touchpoint_proto::v1::{CancelRunRequest, RunStatus, StepStatus};
+use touchpoint_proto::v1::{CancelRunRequest, Run, RunStatus, StepStatus};
 use touchpoint_tests::{
     ReceivedRequest, Stack, contact, eventually, request_id, run_summary, stays,
 };
@@ -52,6 +52,19 @@ async fn assert_handed_out(stack: &mut Stack, run_id: &str) {
     );
 }
 
+/// Waits for each of `runs` to complete; returns them.
+async fn completed(stack: &mut Stack, runs: &[String]) -> Vec<Run> {
+    let mut done = Vec::new();
+    for run_id in runs {
+        let run = stack
+            .client
+            .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)
+            .await;
+        done.push(run);
+    }
+    done
+}
+
 /// Checks that no request reached the receiver before its due time (`WAIT` after
 /// `before`, a moment before the runs were enrolled).
 fn assert_none_early(stack: &Stack, requests: &[ReceivedRequest], before: Instant) {
@@ -83,11 +96,7 @@ async fn sends_handed_out_ahead_go_out_at_their_due_time() {
     for request in &requests {
         assert_eq!((request.step(), request.attempt()), ("greet", 1));
     }
-    for run_id in &runs {
-        let done = stack
-            .client
-            .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)
-            .await;
+    for done in completed(&mut stack, &runs).await {
         assert_eq!(done.steps[1].attempts, 1, "{}", run_summary(&done));
     }
     assert_eq!(stack.receiver.count(), runs.len());
@@ -152,11 +161,7 @@ async fn a_worker_killed_while_holding_sends_ahead_loses_none() {
 
     let requests = stack.receiver.wait_for(runs.len(), TIMEOUT).await;
     assert_none_early(&stack, &requests, before);
-    for run_id in &runs {
-        let done = stack
-            .client
-            .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)
-            .await;
+    for done in completed(&mut stack, &runs).await {
         assert_eq!(done.steps[1].worker, "w-2", "{}", run_summary(&done));
     }
     assert_eq!(
@@ -188,11 +193,7 @@ async fn a_scheduler_stopped_while_its_worker_holds_sends_ahead_loses_none() {
     for request in &requests {
         assert_eq!(request.attempt(), 1, "{}", stack.receiver.summary());
     }
-    for run_id in &runs {
-        let done = stack
-            .client
-            .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)
-            .await;
+    for done in completed(&mut stack, &runs).await {
         assert_eq!(done.steps[1].attempts, 1, "{}", run_summary(&done));
     }
     let sent = runs.len();
@@ -258,11 +259,7 @@ async fn sends_ahead_handed_back_to_the_next_scheduler_go_out_at_their_time() {
 
     let requests = stack.receiver.wait_for(runs.len(), TIMEOUT).await;
     assert_none_early(&stack, &requests, before);
-    for run_id in &runs {
-        let done = stack
-            .client
-            .wait_for_status(run_id, RunStatus::Completed, TIMEOUT)
-            .await;
+    for done in completed(&mut stack, &runs).await {
         assert_eq!(done.steps[1].worker, "w-2", "{}", run_summary(&done));
         assert_eq!(done.steps[1].attempts, 1, "{}", run_summary(&done));
     }
