@@ -215,6 +215,40 @@ async fn an_event_just_before_the_wait_for_is_not_missed() {
     assert_eq!(delivered(&stack, "c-race"), ["hello", "thanks"]);
 }
 
+/// A run waiting three days for an order (its timeout kept in an hourly list, not in the
+/// due set: see `store/lua/later.lua`) is woken by the order at once.
+#[tokio::test]
+async fn an_order_wakes_a_run_waiting_three_days() {
+    let mut stack = Stack::start(NODE, &[], &["crm"]).await;
+    stack
+        .apply(&FLOW.replace("timeout: 4s", "timeout: 3d"))
+        .await;
+    let run = stack
+        .enroll("flow", contact("c-patient", &[], &["vip"]), &request_id())
+        .await;
+    stack
+        .client
+        .wait_for_run(&run.run_id, TIMEOUT, "waiting for the order", |run| {
+            run.steps
+                .iter()
+                .any(|s| s.step_id == "wait-order" && s.status == StepStatus::Waiting as i32)
+        })
+        .await;
+    let woken = event(
+        &mut stack.client,
+        "c-patient",
+        "order.placed",
+        &[("order", "C-3")],
+    )
+    .await;
+    assert_eq!(woken.woken_run_ids, vec![run.run_id.clone()]);
+    stack
+        .client
+        .wait_for_status(&run.run_id, RunStatus::Completed, TIMEOUT)
+        .await;
+    assert_eq!(delivered(&stack, "c-patient"), ["hello", "thanks"]);
+}
+
 /// An order placed before the run started does not satisfy the run's wait_for: the
 /// lookback counts events since the run was created, which its id tells (the script
 /// decodes the id's timestamp); the timeout path follows.

@@ -28,8 +28,8 @@ use touchpoint_tests::{
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
 
-/// Every script the store runs, by name, as the store loads it (`claim`, `complete` and
-/// `enroll` after the shared `counts.lua`).
+/// Every script the store runs, by name, as the store loads it (`claim`, `complete`,
+/// `enroll` and `event` after the shared `counts.lua` and `later.lua`).
 const SCRIPTS: &[(&str, &str)] = &[
     (
         "apply_playbook",
@@ -43,6 +43,7 @@ const SCRIPTS: &[(&str, &str)] = &[
         "claim",
         concat!(
             include_str!("../../scheduler/src/store/lua/counts.lua"),
+            include_str!("../../scheduler/src/store/lua/later.lua"),
             include_str!("../../scheduler/src/store/lua/claim.lua")
         ),
     ),
@@ -50,6 +51,7 @@ const SCRIPTS: &[(&str, &str)] = &[
         "complete",
         concat!(
             include_str!("../../scheduler/src/store/lua/counts.lua"),
+            include_str!("../../scheduler/src/store/lua/later.lua"),
             include_str!("../../scheduler/src/store/lua/complete.lua")
         ),
     ),
@@ -57,12 +59,17 @@ const SCRIPTS: &[(&str, &str)] = &[
         "enroll",
         concat!(
             include_str!("../../scheduler/src/store/lua/counts.lua"),
+            include_str!("../../scheduler/src/store/lua/later.lua"),
             include_str!("../../scheduler/src/store/lua/enroll.lua")
         ),
     ),
     (
         "event",
-        include_str!("../../scheduler/src/store/lua/event.lua"),
+        concat!(
+            include_str!("../../scheduler/src/store/lua/counts.lua"),
+            include_str!("../../scheduler/src/store/lua/later.lua"),
+            include_str!("../../scheduler/src/store/lua/event.lua")
+        ),
     ),
     (
         "extend",

@@ -949,3 +949,150 @@ async fn the_run_list_sweep_drops_only_entries_of_runs_that_are_gone() {
         .expect("sweep again");
     assert_eq!((gone, next), (0, None), "nothing left to drop");
 }
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+
+/// Entries of `partition`'s due set and of its hourly lists of timers far ahead.
+async fn timers(redis: &TestRedis, partition: u16) -> (u64, u64) {
+    let mut conn = redis.connection().await;
+    let later = format!("t:{{p{partition}}}:later");
+    let due: u64 = redis::cmd("ZCARD")
+        .arg(format!("t:{{p{partition}}}:due"))
+        .query_async(&mut conn)
+        .await
+        .expect("ZCARD");
+    let hours: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&later)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .expect("ZRANGE");
+    let mut listed = 0;
+    for hour in hours {
+        let length: u64 = redis::cmd("LLEN")
+            .arg(format!("{later}:{hour}"))
+            .query_async(&mut conn)
+            .await
+            .expect("LLEN");
+        listed += length;
+    }
+    (due, listed)
+}
+
+/// A step three days ahead waits in its hour's list, not in the due set; the claims
+/// move it into the due set an hour or two before it is due, and it is claimed at its
+/// time, not before.
+#[tokio::test]
+async fn a_step_days_ahead_waits_in_an_hourly_list_and_comes_due_on_time() {
+    let redis = TestRedis::from_env();
+    let store = store(&redis).await;
+    let now = 20_000 * DAY;
+    let mut run = new_run(2, "c-far", None, now);
+    run.due_ms = now + 3 * DAY + 1234;
+    let due = run.due_ms;
+    let (run_id, _) = enroll(&store, &run).await;
+    assert_eq!(timers(&redis, 2).await, (0, 1));
+
+    let early = store.claim(2, due - 2 * HOUR, 10, 1000).await.unwrap();
+    assert!(early.runs.is_empty());
+    assert_eq!(early.next_due_ms, None);
+    assert_eq!(timers(&redis, 2).await, (0, 1), "its hour is not near yet");
+
+    let near = store.claim(2, due - HOUR, 10, 1000).await.unwrap();
+    assert!(near.runs.is_empty());
+    assert_eq!(near.next_due_ms, Some(due));
+    assert_eq!(timers(&redis, 2).await, (1, 0), "moved into the due set");
+
+    assert!(
+        store
+            .claim(2, due - 1, 10, 1000)
+            .await
+            .unwrap()
+            .runs
+            .is_empty()
+    );
+    let claimed = store.claim(2, due, 10, 1000).await.unwrap();
+    assert_eq!(claimed.runs.len(), 1);
+    assert_eq!(claimed.runs[0].run_id, run_id);
+}
+
+/// Steps due soon go straight into the due set; one claim moves at most a thousand
+/// entries of the hourly lists and asks to be called again at once while some are left.
+#[tokio::test]
+async fn hourly_lists_move_a_thousand_entries_per_claim() {
+    let redis = TestRedis::from_env();
+    let store = store(&redis).await;
+    let now = 20_000 * DAY;
+    let mut soon = new_run(3, "c-soon", None, now);
+    soon.due_ms = now + HOUR / 2;
+    enroll(&store, &soon).await;
+    assert_eq!(timers(&redis, 3).await, (1, 0));
+
+    let runs: Vec<NewRun> = (0..2500)
+        .map(|n| {
+            let mut run = new_run(3, &format!("c-{n}"), None, now);
+            run.due_ms = now + DAY + n;
+            run
+        })
+        .collect();
+    for result in store.enroll_many(&runs).await {
+        result.expect("enroll");
+    }
+    assert_eq!(timers(&redis, 3).await, (1, 2500));
+
+    let at = now + DAY - HOUR / 2;
+    let first = store.claim(3, at, 10, 1000).await.unwrap();
+    assert_eq!(first.runs.len(), 1, "the step due soon");
+    assert_eq!(first.next_due_ms, Some(at), "more to move: call again now");
+    assert_eq!(timers(&redis, 3).await, (1000, 1500));
+    store.claim(3, at, 10, 1000).await.unwrap();
+    let last = store.claim(3, at, 10, 1000).await.unwrap();
+    assert!(last.runs.is_empty());
+    assert_eq!(timers(&redis, 3).await, (2500, 0));
+    assert_eq!(last.next_due_ms, Some(now + DAY));
+}
+
+/// A list entry stays when its run moves on (here: cancelled). When its hour comes,
+/// only runs still due in that hour go into the due set.
+#[tokio::test]
+async fn hourly_list_entries_of_runs_that_moved_on_are_dropped() {
+    let redis = TestRedis::from_env();
+    let store = store(&redis).await;
+    let now = 20_000 * DAY;
+    let far = |contact: &str| {
+        let mut run = new_run(1, contact, None, now);
+        run.due_ms = now + 3 * DAY;
+        run
+    };
+    let (kept, _) = enroll(&store, &far("c-kept")).await;
+    let (cancelled, _) = enroll(&store, &far("c-cancelled")).await;
+    let entry = touchpoint_scheduler::run::TimelineEntry {
+        index: 0,
+        outcome: touchpoint_scheduler::run::StepOutcome::Cancelled,
+        attempts: 0,
+        due_ms: now + 3 * DAY,
+        done_ms: now + 1,
+        worker: String::new(),
+        channel: String::new(),
+        detail: "cancelled".into(),
+    };
+    assert!(
+        store
+            .cancel(&cancelled, now + 1, &entry, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(timers(&redis, 1).await, (0, 2), "the entry stays");
+
+    let moved = store
+        .claim(1, now + 3 * DAY - HOUR / 2, 10, 1000)
+        .await
+        .unwrap();
+    assert!(moved.runs.is_empty());
+    assert_eq!(timers(&redis, 1).await, (1, 0));
+    let claimed = store.claim(1, now + 3 * DAY, 10, 1000).await.unwrap();
+    let ids: Vec<&str> = claimed.runs.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(ids, [kept.as_str()]);
+}

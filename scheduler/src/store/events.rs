@@ -45,7 +45,10 @@ impl Store {
         let mut conn = self.conn.clone();
         let p = partition_of_contact(contact_id, self.partitions);
         let mut invocation = self.scripts.event.prepare_invoke();
-        invocation.key(self.keys.due(p)).key(self.keys.lease(p));
+        invocation
+            .key(self.keys.due(p))
+            .key(self.keys.lease(p))
+            .key(self.keys.later(p));
         if let Some(request_id) = request_id {
             invocation.key(self.keys.event_request(p, contact_id, request_id));
         }

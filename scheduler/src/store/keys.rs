@@ -106,6 +106,12 @@ impl Keys {
         format!("{}:due", self.partition(partition))
     }
 
+    /// Sorted set: hour number → when the hour begins (ms), one entry per hourly list of
+    /// timers far ahead (`lua/later.lua`); each list is this key, `:`, the hour.
+    pub fn later(&self, partition: u16) -> String {
+        format!("{}:later", self.partition(partition))
+    }
+
     /// String: the id of the scheduler that owns the partition (runs its timers), set
     /// with an expiry and renewed by its owner (`partition_acquire.lua`).
     pub fn partition_owner(&self, partition: u16) -> String {
@@ -239,6 +245,8 @@ mod tests {
         let p = 17;
         let all = [
             keys.due(p),
+            keys.later(p),
+            format!("{}:490000", keys.later(p)),
             keys.lease(p),
             keys.partition_owner(p),
             format!("{}r1", keys.run_prefix(p)),

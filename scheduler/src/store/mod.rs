@@ -87,14 +87,14 @@ impl Scripts {
     fn load() -> Self {
         Self {
             apply_playbook: Script::new(include_str!("lua/apply_playbook.lua")),
-            enroll: with_counts(include_str!("lua/enroll.lua")),
-            claim: with_counts(include_str!("lua/claim.lua")),
-            complete: with_counts(include_str!("lua/complete.lua")),
+            enroll: with_preludes(include_str!("lua/enroll.lua")),
+            claim: with_preludes(include_str!("lua/claim.lua")),
+            complete: with_preludes(include_str!("lua/complete.lua")),
             extend: Script::new(include_str!("lua/extend.lua")),
             moved_on: Script::new(include_str!("lua/moved_on.lua")),
             cancel: Script::new(include_str!("lua/cancel.lua")),
             retry_dead: Script::new(include_str!("lua/retry_dead.lua")),
-            event: Script::new(include_str!("lua/event.lua")),
+            event: with_preludes(include_str!("lua/event.lua")),
             spend: Script::new(include_str!("lua/spend.lua")),
             resume: Script::new(include_str!("lua/resume.lua")),
             upsert_contact: Script::new(include_str!("lua/upsert_contact.lua")),
@@ -107,10 +107,14 @@ impl Scripts {
     }
 }
 
-/// A script that counts funnel stats: `lua/counts.lua` (its `count` and `write_counts`)
-/// goes first.
-fn with_counts(body: &str) -> Script {
-    Script::new(&format!("{}{body}", include_str!("lua/counts.lua")))
+/// A script that counts funnel stats and schedules steps: `lua/counts.lua` (its `count`
+/// and `write_counts`) and `lua/later.lua` (`schedule`, `write_later`, `promote`) go first.
+fn with_preludes(body: &str) -> Script {
+    Script::new(&format!(
+        "{}{}{body}",
+        include_str!("lua/counts.lua"),
+        include_str!("lua/later.lua")
+    ))
 }
 
 /// Touchpoint's state in Redis.
@@ -577,6 +581,7 @@ impl Store {
         let mut invocation = self.scripts.enroll.prepare_invoke();
         invocation
             .key(self.keys.due(p))
+            .key(self.keys.later(p))
             .arg(runs.first().map_or(0, |run| run.now_ms))
             .arg(REQUEST_ID_TTL_SECS)
             .arg(self.keys.run_prefix(p))
@@ -729,12 +734,14 @@ impl Store {
         invocation
             .key(self.keys.due(partition))
             .key(self.keys.lease(partition))
+            .key(self.keys.later(partition))
             .arg(now_ms)
             .arg(limit)
             .arg(lease_ms)
             .arg(self.keys.run_prefix(partition))
             .arg(self.keys.contact_prefix(partition))
-            .arg(self.keys.stats_prefix(partition));
+            .arg(self.keys.stats_prefix(partition))
+            .arg(self.keys.paused_runs_prefix(partition));
         if let Some((horizon_ms, eligible)) = ahead {
             invocation.arg(horizon_ms).arg(eligible);
         }
@@ -774,6 +781,7 @@ impl Store {
             .key(self.keys.due(partition))
             .key(self.keys.lease(partition))
             .key(self.keys.dead(partition))
+            .key(self.keys.later(partition))
             .arg(self.keys.run_prefix(partition))
             .arg(now_ms)
             .arg(self.retention_secs)

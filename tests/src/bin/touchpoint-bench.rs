@@ -226,8 +226,9 @@ async fn burst(args: &Args, bench: &Bench, redis: &Redis) -> anyhow::Result<serd
 }
 
 /// `--contacts` runs enrolled (batched gRPC) into a three-day wait: runs/s, Redis cost
-/// and bytes per run. `idle` leaves out request ids (bytes of the run alone); `enroll`
-/// sends them, as a service would.
+/// and bytes per run (with its new contact). `idle` leaves out request ids and then
+/// enrolls the same contacts into a second playbook (bytes of a run whose contact is
+/// already stored); `enroll` sends request ids, as a service would.
 async fn enroll(
     args: &Args,
     bench: &Bench,
@@ -249,6 +250,25 @@ async fn enroll(
     let seconds = started.elapsed().as_secs_f64();
     let after = redis.snapshot().await?;
     let bytes = after.used_memory.saturating_sub(before.used_memory);
+    let by_part = redis.bytes_by_part(args.partitions).await?;
+    // The same contacts again, into a second playbook: what a run costs on its own, its
+    // contact already stored (its hash grows by the playbook it entered).
+    let mut known_contact_bytes = serde_json::Value::Null;
+    if !with_request_ids {
+        bench
+            .apply(&format!(
+                "name: idle-again\nsteps:\n  - {{id: wait, wait: 3d}}\n  \
+                 - {{id: send, action: send_message, channel: {CHANNEL}}}\n"
+            ))
+            .await?;
+        let before = redis.snapshot().await?;
+        bench
+            .enroll_all("idle-again", contacts, args.enrollers, false)
+            .await?;
+        let after = redis.snapshot().await?;
+        let bytes = after.used_memory.saturating_sub(before.used_memory);
+        known_contact_bytes = json!(bytes as f64 / contacts as f64);
+    }
     Ok(json!({
         "scenario": if with_request_ids { "enroll" } else { "idle" },
         "contacts": contacts,
@@ -256,7 +276,8 @@ async fn enroll(
         "redis_cmds_per_run": after.commands_since(&before) as f64 / contacts as f64,
         "redis_cpu_us_per_run": after.cpu_us_since(&before) / contacts as f64,
         "redis_bytes_per_run": bytes as f64 / contacts as f64,
-        "redis_bytes_by_part": redis.bytes_by_part(args.partitions).await?,
+        "redis_bytes_per_run_of_a_known_contact": known_contact_bytes,
+        "redis_bytes_by_part": by_part,
         "top_cmds_per_run": after.top_commands_since(&before, contacts),
         "request_ids": with_request_ids,
         "partitions": args.partitions,
@@ -603,7 +624,8 @@ impl Snapshot {
 impl Redis {
     /// Where a waiting run's bytes go, by `MEMORY USAGE` (which leaves out the ~40 bytes
     /// each key costs in Redis's key table): the run hash and the contact hash (mean of
-    /// a sample), and one entry of the partition's due set and of its playbook list.
+    /// a sample), and one entry of the partition's due set, of its hourly lists of timers
+    /// far ahead, and of its playbook list.
     async fn bytes_by_part(&self, partitions: u16) -> anyhow::Result<serde_json::Value> {
         let mut conn = self.conn.clone();
         let keys = touchpoint_scheduler::store::Keys::new("tp");
@@ -663,11 +685,40 @@ impl Redis {
                 *entries += count;
             }
         }
+        // Timers far ahead wait in hourly lists instead of the due set.
+        let (mut later_bytes, mut later_entries) = (0u64, 0u64);
+        for partition in 0..partitions {
+            let later = keys.later(partition);
+            let hours: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&later)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await?;
+            for hour in hours {
+                let list = format!("{later}:{hour}");
+                let (usage, count): (Option<u64>, u64) = redis::pipe()
+                    .cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(&list)
+                    .arg("SAMPLES")
+                    .arg(0)
+                    .cmd("LLEN")
+                    .arg(&list)
+                    .query_async(&mut conn)
+                    .await?;
+                later_bytes += usage.unwrap_or(0);
+                later_entries += count;
+            }
+        }
         let per = |bytes: u64, entries: u64| (bytes as f64 / entries.max(1) as f64).round();
         Ok(json!({
             "run_hash": run.round(),
             "contact_hash": contact.round(),
+            "due_entries": due_entries,
             "due_entry": per(due_bytes, due_entries),
+            "later_entries": later_entries,
+            "later_entry": per(later_bytes, later_entries),
             "list_entry": per(list_bytes, list_entries),
         }))
     }

@@ -1,4 +1,5 @@
--- Claims due steps of one partition: returns expired leases to due (their attempt
+-- Claims due steps of one partition: moves the hourly lists of timers coming within the
+-- horizon into the due set (later.lua), returns expired leases to due (their attempt
 -- counted, their fencing token moved on), then moves up to `limit` due runs into the
 -- lease set under their fencing token and returns what the scheduler needs to act on
 -- them. A run's `f` is the token of its next hand-out: it moves on whenever an attempt
@@ -11,10 +12,12 @@
 -- whose step at that time is one of the eligible ones (ARGV[8..], "<playbook> <version>
 -- <index>"), the others left due; their lease runs until a lease after their due time,
 -- and their wait ends at its due time.
--- KEYS[1] due set, KEYS[2] lease set
+-- KEYS[1] due set, KEYS[2] lease set, KEYS[3] later set
 -- ARGV[1] now ms, ARGV[2] limit, ARGV[3] lease ms, ARGV[4] run key prefix, ARGV[5] contact key
--- prefix, ARGV[6] stats prefix, ARGV[7] horizon ms (optional), ARGV[8..] eligible steps
--- Returns {claimed, expired count, next due ms or '', next lease deadline or ''};
+-- prefix, ARGV[6] stats prefix, ARGV[7] paused-runs prefix, ARGV[8] horizon ms (optional),
+-- ARGV[9..] eligible steps
+-- Returns {claimed, expired count, next due ms or '' (now while hourly lists are left to
+-- move), next lease deadline or ''};
 -- each claimed entry is {run id, fence, playbook, version, contact id, step index,
 -- attempt, traceparent, due ms, contact field/value list, {waiting step ('ws': the
 -- step a wait_until / wait_for was scheduled at, or ''), created ms, trigger event JSON,
@@ -23,12 +26,14 @@ local now = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local lease = tonumber(ARGV[3])
 local runs = ARGV[4]
-local horizon = tonumber(ARGV[7] or ARGV[1])
+local horizon = tonumber(ARGV[8] or ARGV[1])
 local ahead = horizon > now
 local eligible = {}
-for n = 8, #ARGV do
+for n = 9, #ARGV do
   eligible[ARGV[n]] = true
 end
+
+local more_later = promote(KEYS[1], KEYS[2], KEYS[3], runs, ARGV[7], now, 1000)
 
 local expired = {}
 if not ahead then
@@ -111,4 +116,7 @@ write_counts()
 
 local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local next_lease = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+if more_later then
+  next_due = {'', ARGV[1]}
+end
 return {claimed, #expired, next_due[2] or '', next_lease[2] or ''}

@@ -6,7 +6,7 @@
 -- With a lease time (ARGV[10]), a run whose next step is due now is leased again at
 -- once and returned like claim.lua returns it, so a chain of steps costs one script
 -- call per step rather than a completion and a claim.
--- KEYS[1] due set, KEYS[2] lease set, KEYS[3] dead-letter set
+-- KEYS[1] due set, KEYS[2] lease set, KEYS[3] dead-letter set, KEYS[4] later set
 -- ARGV[1] run key prefix, ARGV[2] now ms, ARGV[3] retention of finished runs (s),
 -- ARGV[4] prefix of the per-playbook dead-letter sets, ARGV[5] stats prefix,
 -- ARGV[6] waits prefix, ARGV[7] goals prefix, ARGV[8] event lookback prefix,
@@ -173,8 +173,7 @@ for i = 12, #ARGV, 14 do
         claimed[#claimed + 1] = {id, fence, run[3], run[4], run[5], tonumber(index), 1, run[11] or '', due,
           contact, {run[13] or '', run[8] or '0', run[12] or '', ''}}
       else
-        scheduled[#scheduled + 1] = due
-        scheduled[#scheduled + 1] = id
+        schedule(scheduled, now, due, id)
       end
       if op == 'next' then
         count(stats, index .. ':in')
@@ -196,5 +195,6 @@ end
 for n = 1, #leased, 2000 do
   redis.call('ZADD', KEYS[2], unpack(leased, n, math.min(n + 1999, #leased)))
 end
+write_later(KEYS[4])
 write_counts()
 return {applied, stale, claimed}

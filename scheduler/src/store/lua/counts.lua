@@ -1,6 +1,6 @@
 -- Funnel counters, added up while a script runs and written once per key and field at
 -- its end by write_counts(): a batch of runs costs one HINCRBY per counter, not per run.
--- (Prepended to the scripts that count; see `with_counts` in store/mod.rs.)
+-- (Prepended to the scripts that count; see `with_preludes` in store/mod.rs.)
 local counts = {}
 local function count(key, field)
   local fields = counts[key]

@@ -2,7 +2,7 @@
 -- its tag index), checks the playbook's reentry rule for the contact, writes the run,
 -- lists it under its playbook, registers its goal, schedules its first step and counts
 -- it in the funnel.
--- KEYS[1] due set
+-- KEYS[1] due set, KEYS[2] later set
 -- ARGV[1] now ms, ARGV[2] request ttl (s), ARGV[3] run key prefix, ARGV[4] contact key
 -- prefix, ARGV[5] request key prefix, ARGV[6] goals prefix, ARGV[7] tag set prefix,
 -- ARGV[8] playbook-runs prefix, ARGV[9] stats prefix,
@@ -71,8 +71,7 @@ local function enroll(i)
     redis.call('HSET', goals .. contact_id, id, goal)
   end
   redis.call('XADD', listed .. playbook, '*', 'r', id)
-  scheduled[#scheduled + 1] = due
-  scheduled[#scheduled + 1] = id
+  schedule(scheduled, now, due, id)
   local stats = stats_prefix .. playbook .. ':' .. version
   count(stats, 'runs:in')
   count(stats, first .. ':in')
@@ -95,5 +94,6 @@ local function add(key, pairs_)
   end
 end
 add(KEYS[1], scheduled)
+write_later(KEYS[2])
 write_counts()
 return results

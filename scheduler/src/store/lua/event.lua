@@ -2,14 +2,14 @@
 -- ends the runs whose goal it is (converted), wakes the runs waiting for it in a
 -- wait_for, and keeps it in the contact's short lookback (for a wait_for registered
 -- just after). Entry playbooks are started by the caller afterwards.
--- KEYS[1] due set, KEYS[2] lease set, KEYS[3] (optional) request key
+-- KEYS[1] due set, KEYS[2] lease set, KEYS[3] later set, KEYS[4] (optional) request key
 -- ARGV[1] run key prefix, ARGV[2] contact id, ARGV[3] event name, ARGV[4] now ms,
 -- ARGV[5] lookback ms, ARGV[6] lookback length, ARGV[7] request ttl (s),
 -- ARGV[8] retention of finished runs (s), ARGV[9] stats prefix, ARGV[10] waits prefix,
 -- ARGV[11] goals prefix, ARGV[12] event lookback prefix, ARGV[13] paused-runs prefix,
 -- ARGV[14] the event as JSON (`ev` of woken runs).
 -- Returns {duplicate (0|1), woken run ids, converted run ids}.
-if #KEYS == 3 and redis.call('EXISTS', KEYS[3]) == 1 then
+if #KEYS == 4 and redis.call('EXISTS', KEYS[4]) == 1 then
   return {1, {}, {}}
 end
 local runs, contact, event, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
@@ -23,15 +23,15 @@ local function append(key, line)
   end
   return line
 end
--- Where an unleased run sits: due, or parked while its playbook is paused.
+-- Where an unleased active run sits: parked while its playbook is paused, or due (in
+-- the due set, or in an hourly list of later.lua, whose entry stays and is skipped once
+-- the run has moved on).
 local function unschedule(id, playbook)
-  if redis.call('ZREM', KEYS[1], id) == 1 then
-    return KEYS[1]
-  end
   if redis.call('ZREM', paused_prefix .. playbook, id) == 1 then
     return paused_prefix .. playbook
   end
-  return nil
+  redis.call('ZREM', KEYS[1], id)
+  return KEYS[1]
 end
 
 -- Goals first: a converted run is not woken as well.
@@ -79,26 +79,32 @@ for n = 1, #waiting, 2 do
     elseif not redis.call('ZSCORE', KEYS[2], id) then
       -- (A leased run is timing out right now: the timeout wins, its entry goes then.)
       local set = unschedule(id, run[2])
-      if set then
-        redis.call('HDEL', waits, id)
-        local op, index, due = parts[3], parts[4], now + tonumber(parts[5])
-        local line = '{"i":' .. run[4] .. ',"s":"done","a":0,"due":' .. (run[5] or now) ..
-          ',"at":' .. now .. ',"d":"' .. event .. ' arrived"}'
-        local stats = stats_prefix .. run[2] .. ':' .. run[3]
-        redis.call('HINCRBY', stats, run[4] .. ':done', 1)
-        redis.call('HINCRBY', key, 'f', 1)
-        if op == 'finish' then
-          redis.call('HSET', key, 'st', 'completed', 'ua', now, 'i', index, 'd', '', 'ev', ARGV[14], 't', append(key, line))
-          redis.call('EXPIRE', key, ARGV[8])
-          redis.call('HDEL', goals, id)
-          redis.call('HINCRBY', stats, 'runs:completed', 1)
+      redis.call('HDEL', waits, id)
+      local op, index, due = parts[3], parts[4], now + tonumber(parts[5])
+      local line = '{"i":' .. run[4] .. ',"s":"done","a":0,"due":' .. (run[5] or now) ..
+        ',"at":' .. now .. ',"d":"' .. event .. ' arrived"}'
+      local stats = stats_prefix .. run[2] .. ':' .. run[3]
+      redis.call('HINCRBY', stats, run[4] .. ':done', 1)
+      redis.call('HINCRBY', key, 'f', 1)
+      if op == 'finish' then
+        redis.call('HSET', key, 'st', 'completed', 'ua', now, 'i', index, 'd', '', 'ev', ARGV[14], 't', append(key, line))
+        redis.call('EXPIRE', key, ARGV[8])
+        redis.call('HDEL', goals, id)
+        redis.call('HINCRBY', stats, 'runs:completed', 1)
+      else
+        redis.call('HSET', key, 'i', index, 'a', 1, 'due', due, 'ua', now, 'd', '', 'ev', ARGV[14], 't', append(key, line))
+        if set == KEYS[1] then
+          local scheduled = {}
+          schedule(scheduled, now, due, id)
+          if #scheduled > 0 then
+            redis.call('ZADD', set, unpack(scheduled))
+          end
         else
-          redis.call('HSET', key, 'i', index, 'a', 1, 'due', due, 'ua', now, 'd', '', 'ev', ARGV[14], 't', append(key, line))
           redis.call('ZADD', set, due, id)
-          redis.call('HINCRBY', stats, index .. ':in', 1)
         end
-        woken[#woken + 1] = id
+        redis.call('HINCRBY', stats, index .. ':in', 1)
       end
+      woken[#woken + 1] = id
     end
   end
 end
@@ -106,7 +112,8 @@ end
 redis.call('LPUSH', lookback, now .. ' ' .. event .. ' ' .. ARGV[14])
 redis.call('LTRIM', lookback, 0, tonumber(ARGV[6]) - 1)
 redis.call('PEXPIRE', lookback, ARGV[5])
-if #KEYS == 3 then
-  redis.call('SET', KEYS[3], '1', 'EX', ARGV[7])
+if #KEYS == 4 then
+  redis.call('SET', KEYS[4], '1', 'EX', ARGV[7])
 end
+write_later(KEYS[3])
 return {0, woken, converted}
