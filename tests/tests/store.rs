@@ -429,6 +429,37 @@ async fn a_deployment_keeps_its_partition_count() {
     assert!(err.to_string().contains("--partitions 4"), "{err}");
 }
 
+/// A scheduler records the data format it writes, and refuses a Redis written by a later
+/// one (a rollback would misread its runs and miss its timers).
+#[tokio::test]
+async fn a_scheduler_refuses_data_written_by_a_later_one() {
+    let redis = TestRedis::from_env();
+    store(&redis).await;
+    let mut conn = redis.connection().await;
+    let format: u32 = redis::cmd("HGET")
+        .arg("t:meta")
+        .arg("format")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET");
+    assert_eq!(format, touchpoint_scheduler::store::DATA_FORMAT);
+    let () = redis::cmd("HSET")
+        .arg("t:meta")
+        .arg("format")
+        .arg(format + 1)
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    let err = Store::connect(&redis.url(), "t", PARTITIONS, 60)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("data in format {}", format + 1)),
+        "{err}"
+    );
+}
+
 /// A failed timeline entry at step `index`, as the engine records one.
 fn failed_entry(index: usize, detail: &str) -> touchpoint_scheduler::run::TimelineEntry {
     touchpoint_scheduler::run::TimelineEntry {

@@ -19,7 +19,8 @@ impl Keys {
         }
     }
 
-    /// Hash: deployment facts (`partitions`). Written once at first start.
+    /// Hash: deployment facts: `partitions` (written once at first start) and `format`
+    /// (the data format of the latest scheduler started, `store::DATA_FORMAT`).
     pub fn meta(&self) -> String {
         format!("{}:meta", self.prefix)
     }

@@ -63,6 +63,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// How long an enrollment's request id is remembered.
 const REQUEST_ID_TTL_SECS: u64 = 24 * 3600;
 
+/// The layout of Touchpoint's data this scheduler writes, kept in `meta` as `format`;
+/// a scheduler refuses a Redis written by a later one (docs/redis-keys.md, "Data format").
+/// 2: runs without `ca`, a binary `tp`, timers far ahead in hourly lists.
+pub const DATA_FORMAT: u32 = 2;
+
 struct Scripts {
     apply_playbook: Script,
     enroll: Script,
@@ -379,6 +384,7 @@ impl Store {
         };
         store.check_redis_config().await?;
         store.check_partitions().await?;
+        store.check_data_format().await?;
         Ok(store)
     }
 
@@ -454,6 +460,24 @@ impl Store {
             )));
         }
         Ok(())
+    }
+
+    /// Refuses data written by a later scheduler (which an earlier one could misread:
+    /// a rollback); records this scheduler's format when the stored one is earlier.
+    async fn check_data_format(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let meta = self.keys.meta();
+        let stored: Option<u32> = conn.hget(&meta, "format").await?;
+        match stored {
+            Some(stored) if stored > DATA_FORMAT => Err(Error::Config(format!(
+                "this Redis holds data in format {stored}, written by a later Touchpoint; this scheduler reads formats up to {DATA_FORMAT}: run the later version (rolling back needs the data it wrote migrated)"
+            ))),
+            Some(stored) if stored == DATA_FORMAT => Ok(()),
+            _ => {
+                let () = conn.hset(&meta, "format", DATA_FORMAT).await?;
+                Ok(())
+            }
+        }
     }
 
     /// Stores a playbook version unless unchanged (or only reports, for a dry run).
