@@ -19,7 +19,6 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// completes with the step done at attempt 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_longer_than_its_lease_keeps_it_and_goes_out_once() {
-    let mut stack = Stack::start(NODE, &["--lease", "2s"], &["wecom"]).await;
     let yaml = r#"
 name: slow-receiver
 steps:
@@ -30,6 +29,35 @@ steps:
     action: send_message
     channel: wecom
 "#;
+    a_held_delivery_keeps_its_lease(&["--lease", "2s"], yaml, 0).await;
+}
+
+/// The same for a send handed out ahead (after a wait): the worker heartbeats it from
+/// its due time, when its delivery starts (it used to wait for something else to wake
+/// the worker, and the lease ran out under the delivery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_handed_out_ahead_and_longer_than_its_lease_goes_out_once() {
+    let yaml = r#"
+name: slow-receiver
+steps:
+  - id: pause
+    wait: 2s
+  - id: greet
+    action: send_message
+    channel: wecom
+  - id: follow-up
+    action: send_message
+    channel: wecom
+"#;
+    let flags = ["--lease", "2s", "--hand-out-ahead", "3s"];
+    a_held_delivery_keeps_its_lease(&flags, yaml, 1).await;
+}
+
+/// Runs `yaml` (playbook `slow-receiver`; its step `greet` at index `greet`, then
+/// `follow-up`) with the receiver holding the greeting for 6 s, three 2 s leases: it
+/// reaches the receiver once, stays in flight at attempt 1, and no lease expires.
+async fn a_held_delivery_keeps_its_lease(flags: &[&str], yaml: &str, greet: usize) {
+    let mut stack = Stack::start(NODE, flags, &["wecom"]).await;
     assert_eq!(stack.apply(yaml).await.status(), ApplyStatus::Created);
     stack.receiver.hold_next(Duration::from_secs(6));
     let run = stack
@@ -48,8 +76,8 @@ steps:
         async move {
             let now = client.run(&run_id).await;
             count == 1
-                && now.steps[0].status() == StepStatus::InFlight
-                && now.steps[0].attempts == 1
+                && now.steps[greet].status() == StepStatus::InFlight
+                && now.steps[greet].attempts == 1
         }
     })
     .await;
@@ -81,11 +109,11 @@ steps:
             >= Duration::from_secs(6),
         "the follow-up came before the held greeting was answered:\n{summary}"
     );
-    let greet = &done.steps[0];
-    assert_eq!(greet.status(), StepStatus::Done, "{timeline}");
-    assert_eq!(greet.attempts, 1, "{timeline}");
-    assert_eq!(greet.worker, "w-1", "{timeline}");
-    assert_eq!(done.steps[1].attempts, 1, "{timeline}");
+    let step = &done.steps[greet];
+    assert_eq!(step.status(), StepStatus::Done, "{timeline}");
+    assert_eq!(step.attempts, 1, "{timeline}");
+    assert_eq!(step.worker, "w-1", "{timeline}");
+    assert_eq!(done.steps[greet + 1].attempts, 1, "{timeline}");
     let log = stack.scheduler.process().log();
     assert!(
         !log.contains("leases expired; steps go out again"),

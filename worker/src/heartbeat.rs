@@ -15,7 +15,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::time::Instant;
+use tokio::{sync::Notify, time::Instant};
 use touchpoint_proto::v1::{Heartbeat, Task, TaskRef, WorkerMessage, worker_message};
 
 use crate::outbox::StreamId;
@@ -48,6 +48,9 @@ struct Entry {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct HeldTasks {
     inner: Arc<Mutex<Held>>,
+    /// Told when a task is held whose heartbeat is due before any other's: wakes
+    /// [`Self::due`] (tasks handed out ahead are held by their delivery, later).
+    sooner: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -97,9 +100,13 @@ impl HeldTasks {
             origin,
         };
         let mut held = self.lock();
+        let sooner = held.tasks.is_empty() || held.earliest.is_none_or(|at| entry.next < at);
         held.earliest = Some(held.earliest.map_or(entry.next, |at| at.min(entry.next)));
         held.tasks.insert(key.clone(), entry);
         drop(held);
+        if sooner {
+            self.sooner.notify_waiters();
+        }
         Hold {
             held: self.clone(),
             key: Some(key),
@@ -116,12 +123,21 @@ impl HeldTasks {
         held.earliest
     }
 
-    /// Completes when the next heartbeat is due (never while nothing is held). Call it
-    /// again after anything is held: a newly held task may be due sooner.
+    /// Completes when the next heartbeat is due (never while nothing is held), including
+    /// that of a task held meanwhile.
     pub(crate) async fn due(&self) {
-        match self.next_due() {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
+        loop {
+            let sooner = self.sooner.notified();
+            tokio::pin!(sooner);
+            // Registered before reading the state, so a task held in between is not missed.
+            sooner.as_mut().enable();
+            match self.next_due() {
+                Some(at) => tokio::select! {
+                    () = tokio::time::sleep_until(at) => return,
+                    () = &mut sooner => {}
+                },
+                None => sooner.await,
+            }
         }
     }
 
@@ -192,6 +208,24 @@ mod tests {
             deadline_ms: wall_clock_ms() + lease_ms,
             ..Task::default()
         }
+    }
+
+    /// A task held while `due` waits (a send handed out ahead, held once its delay is
+    /// over) is heartbeated on time, not when something else wakes the worker.
+    #[tokio::test]
+    async fn due_wakes_for_a_task_held_while_it_waits() {
+        let held = HeldTasks::default();
+        let waiting = tokio::spawn({
+            let held = held.clone();
+            async move { held.due().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "nothing is held");
+        let _task = held.hold(&task("run-1", 1, 600), 1);
+        tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("due() completes by the new task's interval")
+            .expect("no panic");
     }
 
     #[test]

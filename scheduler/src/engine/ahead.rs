@@ -207,8 +207,10 @@ impl Engine {
         task.delay_ms = u64::try_from(due - now).unwrap_or(0);
         in_flight.ahead = true;
         in_flight.due_ms = due;
-        // As in Redis (`claim.lua`): a lease after the due time.
+        // As in Redis (`claim.lua`): a lease after the due time. The worker paces its
+        // heartbeats and adapters their calls by it.
         in_flight.lease_deadline_ms = due + millis(self.config.lease);
+        task.deadline_ms = in_flight.lease_deadline_ms;
         let check = Check {
             partition: in_flight.partition,
             run_id: task.run_id.clone(),
