@@ -1049,6 +1049,30 @@ async fn a_step_days_ahead_waits_in_an_hourly_list_and_comes_due_on_time() {
     assert_eq!(claimed.runs[0].run_id, run_id);
 }
 
+/// The due backlog counts the entries of an hourly list whose hour has begun without the
+/// list having moved (nothing claimed the partition): a stalled move is seen, not silent.
+#[tokio::test]
+async fn an_hourly_list_not_moved_in_time_counts_as_due() {
+    let redis = TestRedis::from_env();
+    let store = store(&redis).await;
+    let now = 20_000 * DAY;
+    let mut run = new_run(0, "c-late", None, now);
+    run.due_ms = now + 3 * DAY + 10;
+    enroll(&store, &run).await;
+    assert_eq!(store.backlog(now).await.unwrap().0, 0);
+    assert_eq!(store.backlog(now + 3 * DAY - HOUR).await.unwrap().0, 0);
+    assert_eq!(store.backlog(now + 3 * DAY + 20).await.unwrap().0, 1);
+    store
+        .claim(0, now + 3 * DAY - HOUR / 2, 10, 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.backlog(now + 3 * DAY + 20).await.unwrap().0,
+        1,
+        "moved into the due set, and due"
+    );
+}
+
 /// Steps due soon go straight into the due set; one claim moves at most a thousand
 /// entries of the hourly lists and asks to be called again at once while some are left.
 #[tokio::test]

@@ -691,23 +691,42 @@ impl Store {
     }
 
     /// Steps due by `now_ms` (not leased) and runs in the dead-letter lists, over every
-    /// partition: one pipelined round trip (one per primary on a cluster).
+    /// partition: one pipelined round trip (one per primary on a cluster). Steps due counts
+    /// every entry of an hourly list whose hour has begun (`lua/later.lua`): such a list
+    /// should have moved into the due set an hour before, so a stalled move shows here.
     pub async fn backlog(&self, now_ms: i64) -> Result<(u64, u64)> {
-        let mut commands = Vec::with_capacity(2 * usize::from(self.partitions));
+        let mut commands = Vec::with_capacity(3 * usize::from(self.partitions));
         for partition in 0..self.partitions {
             let mut due = redis::cmd("ZCOUNT");
             due.arg(self.keys.due(partition)).arg("-inf").arg(now_ms);
             let mut dead = redis::cmd("ZCARD");
             dead.arg(self.keys.dead(partition));
-            commands.extend([due, dead]);
+            let mut late = redis::cmd("ZRANGEBYSCORE");
+            late.arg(self.keys.later(partition)).arg("-inf").arg(now_ms);
+            commands.extend([due, dead, late]);
         }
-        let counts = timed("backlog", self.conn.query_each(commands))
-            .await?
-            .into_iter()
-            .map(redis::from_redis_value)
-            .collect::<Result<Vec<u64>, _>>()?;
-        let due = counts.iter().step_by(2).sum();
-        let dead = counts.iter().skip(1).step_by(2).sum();
+        let replies = timed("backlog", self.conn.query_each(commands)).await?;
+        let (mut due, mut dead) = (0, 0);
+        let mut late_lists = Vec::new();
+        for (n, reply) in replies.into_iter().enumerate() {
+            match n % 3 {
+                0 => due += redis::from_redis_value::<u64>(reply)?,
+                1 => dead += redis::from_redis_value::<u64>(reply)?,
+                _ => {
+                    let partition = u16::try_from(n / 3).unwrap_or(u16::MAX);
+                    for hour in redis::from_redis_value::<Vec<String>>(reply)? {
+                        let mut length = redis::cmd("LLEN");
+                        length.arg(format!("{}:{hour}", self.keys.later(partition)));
+                        late_lists.push(length);
+                    }
+                }
+            }
+        }
+        if !late_lists.is_empty() {
+            for reply in timed("backlog", self.conn.query_each(late_lists)).await? {
+                due += redis::from_redis_value::<u64>(reply)?;
+            }
+        }
         Ok((due, dead))
     }
 
