@@ -19,17 +19,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// completes with the step done at attempt 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_longer_than_its_lease_keeps_it_and_goes_out_once() {
-    let yaml = r#"
-name: slow-receiver
-steps:
-  - id: greet
-    action: send_message
-    channel: wecom
-  - id: follow-up
-    action: send_message
-    channel: wecom
-"#;
-    a_held_delivery_keeps_its_lease(&["--lease", "2s"], yaml, 0).await;
+    a_held_delivery_keeps_its_lease(&["--lease", "2s"], None).await;
 }
 
 /// The same for a send handed out ahead (after a wait): the worker heartbeats it from
@@ -37,28 +27,25 @@ steps:
 /// the worker, and the lease ran out under the delivery).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_handed_out_ahead_and_longer_than_its_lease_goes_out_once() {
-    let yaml = r#"
-name: slow-receiver
-steps:
-  - id: pause
-    wait: 2s
-  - id: greet
-    action: send_message
-    channel: wecom
-  - id: follow-up
-    action: send_message
-    channel: wecom
-"#;
     let flags = ["--lease", "2s", "--hand-out-ahead", "3s"];
-    a_held_delivery_keeps_its_lease(&flags, yaml, 1).await;
+    a_held_delivery_keeps_its_lease(&flags, Some("2s")).await;
 }
 
-/// Runs `yaml` (playbook `slow-receiver`; its step `greet` at index `greet`, then
+/// Runs playbook `slow-receiver` (a wait of `pause`, if any, then `greet` and
 /// `follow-up`) with the receiver holding the greeting for 6 s, three 2 s leases: it
 /// reaches the receiver once, stays in flight at attempt 1, and no lease expires.
-async fn a_held_delivery_keeps_its_lease(flags: &[&str], yaml: &str, greet: usize) {
+async fn a_held_delivery_keeps_its_lease(flags: &[&str], pause: Option<&str>) {
+    let pause_step = pause
+        .map(|wait| format!("  - {{id: pause, wait: {wait}}}\n"))
+        .unwrap_or_default();
+    let yaml = format!(
+        "name: slow-receiver\nsteps:\n{pause_step}  \
+         - {{id: greet, action: send_message, channel: wecom}}\n  \
+         - {{id: follow-up, action: send_message, channel: wecom}}\n"
+    );
+    let greet = usize::from(pause.is_some());
     let mut stack = Stack::start(NODE, flags, &["wecom"]).await;
-    assert_eq!(stack.apply(yaml).await.status(), ApplyStatus::Created);
+    assert_eq!(stack.apply(&yaml).await.status(), ApplyStatus::Created);
     stack.receiver.hold_next(Duration::from_secs(6));
     let run = stack
         .enroll("slow-receiver", contact("c-3001", &[], &[]), &request_id())
