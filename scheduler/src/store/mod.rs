@@ -113,7 +113,8 @@ impl Scripts {
 }
 
 /// A script that counts funnel stats and schedules steps: `lua/counts.lua` (its `count`
-/// and `write_counts`) and `lua/later.lua` (`schedule`, `write_later`, `promote`) go first.
+/// and `write_counts`) and `lua/later.lua` (`in_chunks`, `schedule`, `write_later`,
+/// `promote`) go first.
 fn with_preludes(body: &str) -> Script {
     Script::new(&format!(
         "{}{}{body}",

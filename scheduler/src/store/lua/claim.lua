@@ -108,9 +108,7 @@ if #ids > 0 then
   redis.call('ZREM', KEYS[1], unpack(ids))
 end
 -- One ZADD for the batch (in chunks, within Lua's unpack limit).
-for n = 1, #leased, 2000 do
-  redis.call('ZADD', KEYS[2], unpack(leased, n, math.min(n + 1999, #leased)))
-end
+in_chunks('ZADD', KEYS[2], leased)
 
 write_counts()
 

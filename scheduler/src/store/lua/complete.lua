@@ -189,12 +189,8 @@ if #released > 0 then
 end
 -- One ZADD per set for the batch (in chunks, within Lua's unpack limit); leases after
 -- the ZREM above, which released every applied run.
-for n = 1, #scheduled, 2000 do
-  redis.call('ZADD', KEYS[1], unpack(scheduled, n, math.min(n + 1999, #scheduled)))
-end
-for n = 1, #leased, 2000 do
-  redis.call('ZADD', KEYS[2], unpack(leased, n, math.min(n + 1999, #leased)))
-end
+in_chunks('ZADD', KEYS[1], scheduled)
+in_chunks('ZADD', KEYS[2], leased)
 write_later(KEYS[4])
 write_counts()
 return {applied, stale, claimed}

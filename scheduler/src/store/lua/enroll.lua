@@ -87,13 +87,8 @@ while i <= #ARGV do
   i, result = enroll(i)
   results[#results + 1] = result
 end
--- One ZADD per set for the batch (in chunks, within Lua's unpack limit).
-local function add(key, pairs_)
-  for n = 1, #pairs_, 2000 do
-    redis.call('ZADD', key, unpack(pairs_, n, math.min(n + 1999, #pairs_)))
-  end
-end
-add(KEYS[1], scheduled)
+-- One ZADD for the batch.
+in_chunks('ZADD', KEYS[1], scheduled)
 write_later(KEYS[2])
 write_counts()
 return results

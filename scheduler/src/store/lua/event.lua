@@ -16,6 +16,7 @@ local runs, contact, event, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local stats_prefix, waits, goals = ARGV[9], ARGV[10] .. contact, ARGV[11] .. contact
 local lookback, paused_prefix = ARGV[12] .. contact, ARGV[13]
 local woken, converted = {}, {}
+local scheduled = {}
 local function append(key, line)
   local timeline = redis.call('HGET', key, 't')
   if timeline then
@@ -94,11 +95,7 @@ for n = 1, #waiting, 2 do
       else
         redis.call('HSET', key, 'i', index, 'a', 1, 'due', due, 'ua', now, 'd', '', 'ev', ARGV[14], 't', append(key, line))
         if set == KEYS[1] then
-          local scheduled = {}
           schedule(scheduled, now, due, id)
-          if #scheduled > 0 then
-            redis.call('ZADD', set, unpack(scheduled))
-          end
         else
           redis.call('ZADD', set, due, id)
         end
@@ -115,5 +112,6 @@ redis.call('PEXPIRE', lookback, ARGV[5])
 if #KEYS == 4 then
   redis.call('SET', KEYS[4], '1', 'EX', ARGV[7])
 end
+in_chunks('ZADD', KEYS[1], scheduled)
 write_later(KEYS[3])
 return {0, woken, converted}

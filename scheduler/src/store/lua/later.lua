@@ -13,6 +13,14 @@
 -- rule, and an entry for a run already in the due set adds nothing (same member, same
 -- score).
 -- (Prepended to the scripts that schedule steps; see `with_preludes` in store/mod.rs.)
+-- Calls `command` on `key` with `values` appended, 2,000 at a time (within Lua's unpack
+-- limit; even, so pairs stay whole): one call per batch rather than per run.
+local function in_chunks(command, key, values)
+  for n = 1, #values, 2000 do
+    redis.call(command, key, unpack(values, n, math.min(n + 1999, #values)))
+  end
+end
+
 local LATER_HOUR_MS = 3600000
 local LATER_HORIZON_MS = 3600000
 local later_lists = {}
@@ -34,14 +42,12 @@ local function schedule(scheduled, now, due, id)
   end
 end
 
--- Writes what schedule() put in hourly lists: one RPUSH per list (in chunks, within Lua's
--- unpack limit) and the hour in the `later` set.
+-- Writes what schedule() put in hourly lists: one RPUSH per list and the hour in the
+-- `later` set.
 local function write_later(later)
   for hour, ids in pairs(later_lists) do
     local list = later .. ':' .. string.format('%d', hour)
-    for n = 1, #ids, 2000 do
-      redis.call('RPUSH', list, unpack(ids, n, math.min(n + 1999, #ids)))
-    end
+    in_chunks('RPUSH', list, ids)
     redis.call('ZADD', later, hour * LATER_HOUR_MS, string.format('%d', hour))
   end
 end
@@ -71,9 +77,7 @@ local function promote(due_set, lease, later, runs, paused_prefix, now, budget)
           moved[#moved + 1] = id
         end
       end
-      for n = 1, #moved, 2000 do
-        redis.call('ZADD', due_set, unpack(moved, n, math.min(n + 1999, #moved)))
-      end
+      in_chunks('ZADD', due_set, moved)
     end
     if redis.call('EXISTS', list) == 0 then
       redis.call('ZREM', later, hour)
