@@ -113,11 +113,11 @@ pub struct SchedulerArgs {
     /// them (an order placed while the step before the wait was still going out).
     #[arg(long, env = "TOUCHPOINT_EVENT_LOOKBACK", default_value = "10m", value_parser = humantime::parse_duration)]
     pub event_lookback: Duration,
-    /// Hand sends due within this window to workers before their due time, to go out at
-    /// it: a burst due at one instant (a flash sale at 20:00) then goes out at that
-    /// instant instead of over the seconds its claims take. A cancel, goal or pause up to
-    /// half a second before the due time still stops such a send. 0s: off.
-    #[arg(long, env = "TOUCHPOINT_HAND_OUT_AHEAD", default_value = "0s", value_parser = humantime::parse_duration)]
+    /// Hand sends that end a wait within this window to workers before their due time,
+    /// to go out at it: a burst due at one instant (a flash sale at 20:00) then goes out
+    /// at that instant instead of over the seconds its claims take. A cancel, goal or
+    /// pause up to half a second before the due time still stops such a send. 0s: off.
+    #[arg(long, env = "TOUCHPOINT_HAND_OUT_AHEAD", default_value = "5s", value_parser = humantime::parse_duration)]
     pub hand_out_ahead: Duration,
     /// Most due steps claimed in one Redis call.
     #[arg(long, env = "TOUCHPOINT_CLAIM_BATCH", default_value_t = 256)]

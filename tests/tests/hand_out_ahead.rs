@@ -41,12 +41,17 @@ async fn enroll(stack: &mut Stack, count: usize) -> (Vec<String>, Instant) {
     (runs, before)
 }
 
-/// Checks that the run's send is with a worker (leased, in flight).
+/// Checks that the run's send is with a worker (leased, in flight) while the run is
+/// still in its wait, as GetRun shows it.
 async fn assert_handed_out(stack: &mut Stack, run_id: &str) {
     let run = stack.client.run(run_id).await;
     assert_eq!(
-        run.steps[1].status(),
-        StepStatus::InFlight,
+        (
+            run.current_step.as_str(),
+            run.steps[0].status(),
+            run.steps[1].status()
+        ),
+        ("pause", StepStatus::Scheduled, StepStatus::InFlight),
         "not handed out ahead:\n{}",
         run_summary(&run)
     );
@@ -102,6 +107,47 @@ async fn sends_handed_out_ahead_go_out_at_their_due_time() {
     assert_eq!(stack.receiver.count(), runs.len());
 }
 
+/// A send due again after a retryable failure is not handed out ahead, though its
+/// backoff (1.25 to 2.5 s) ends within the window: only the end of a wait goes ahead; a
+/// retry waits in Redis for whichever worker is free at its time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_not_handed_out_ahead() {
+    let mut stack = start(&[]).await;
+    stack
+        .apply(
+            "name: retry-soon\nsteps:\n  - {id: greet, action: send_message, channel: wecom, \
+             retry: {initial: 2500ms, max: 2500ms}}\n",
+        )
+        .await;
+    stack.receiver.respond_with(&[503, 200]);
+    let c = contact("r-1", &[], &[]);
+    let run_id = stack.enroll("retry-soon", c, &request_id()).await.run_id;
+    stack
+        .client
+        .wait_for_run(&run_id, TIMEOUT, "the first attempt's failure", |r| {
+            r.steps[0].status() == StepStatus::Retrying
+        })
+        .await;
+
+    let client = stack.client.clone();
+    assert!(
+        stays(Duration::from_millis(1000), || {
+            let mut client = client.clone();
+            let run_id = run_id.clone();
+            async move { client.run(&run_id).await.steps[0].status() != StepStatus::InFlight }
+        })
+        .await,
+        "the retry was handed out ahead:\n{}",
+        run_summary(&stack.client.run(&run_id).await)
+    );
+    let done = stack
+        .client
+        .wait_for_status(&run_id, RunStatus::Completed, TIMEOUT)
+        .await;
+    assert_eq!(done.steps[0].attempts, 2, "{}", run_summary(&done));
+    assert_eq!(stack.receiver.count(), 2, "{}", stack.receiver.summary());
+}
+
 /// A run cancelled after its send was handed out ahead, before the last check, is
 /// revoked on the worker: nothing goes out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,10 +179,19 @@ async fn a_run_cancelled_before_its_due_time_is_revoked() {
         "the cancelled run's send went out:\n{}",
         receiver.summary()
     );
+    // Cancelled in its wait, its send never begun.
     let cancelled = stack.client.run(&runs[0]).await;
     assert_eq!(
-        cancelled.status(),
-        RunStatus::Cancelled,
+        (
+            cancelled.status(),
+            cancelled.steps[0].status(),
+            cancelled.steps[1].status()
+        ),
+        (
+            RunStatus::Cancelled,
+            StepStatus::Cancelled,
+            StepStatus::Pending
+        ),
         "{}",
         run_summary(&cancelled)
     );

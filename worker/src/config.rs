@@ -18,7 +18,7 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 pub const DEFAULT_CONCURRENCY: u32 = 256;
 /// Tasks handed out ahead of their due time a worker keeps waiting by default (a few
 /// KiB each at most).
-pub const DEFAULT_HOLD_AHEAD: u32 = 20_000;
+pub const DEFAULT_HOLD_AHEAD: u32 = 50_000;
 
 /// A worker's configuration: the scheduler to attach to and the channels to serve.
 #[derive(Debug, Clone)]

@@ -156,6 +156,44 @@ fn cancelled_entry(record: &RunRecord, now: i64, detail: &str) -> TimelineEntry 
     }
 }
 
+/// The run's timeline as of `now`, and the wait it is still in if its send was handed
+/// out ahead (`--hand-out-ahead`). Claiming such a send records its wait as done at the
+/// wait's end, a time still to come: until then the wait is shown as running (and the
+/// send, with its worker, as in flight), and a run cancelled or converted before then
+/// as ended in its wait, its send not begun.
+fn as_of(record: &RunRecord, now: i64) -> (Vec<TimelineEntry>, Option<TimelineEntry>) {
+    let mut timeline = record.timeline.clone();
+    let ended_ahead = |wait: &TimelineEntry, after: usize| {
+        wait.outcome == StepOutcome::Done && wait.index < after
+    };
+    match timeline.as_mut_slice() {
+        [.., last]
+            if record.status == RunStatus::Active
+                && record.leased
+                && last.done_ms > now
+                && ended_ahead(last, record.step_index) =>
+        {
+            let wait = timeline.pop();
+            (timeline, wait)
+        }
+        [.., wait, last]
+            if record.status != RunStatus::Active
+                && wait.done_ms > last.done_ms
+                && ended_ahead(wait, last.index) =>
+        {
+            *wait = TimelineEntry {
+                index: wait.index,
+                attempts: 0,
+                due_ms: wait.due_ms,
+                ..last.clone()
+            };
+            timeline.pop();
+            (timeline, None)
+        }
+        _ => (timeline, None),
+    }
+}
+
 /// The traceparent of the call's span (which continues the caller's `traceparent`): a
 /// run started by a single `Enroll` continues the call's trace.
 fn caller_trace<T>(request: &Request<T>) -> Option<String> {
@@ -291,7 +329,8 @@ impl RunApi {
                 ..Default::default()
             })
             .collect();
-        for entry in &record.timeline {
+        let (timeline, ahead_wait) = as_of(&record, now_ms());
+        for entry in &timeline {
             if let Some(slot) = records.get_mut(entry.index) {
                 *slot = v1::StepRecord {
                     status: match entry.outcome {
@@ -340,7 +379,19 @@ impl RunApi {
             slot.worker = String::new();
             slot.due_at_ms = record.due_ms;
             slot.detail = record.detail.clone();
+            if ahead_wait.is_some() {
+                slot.detail = "handed out ahead: goes out at its due time".to_owned();
+            }
         }
+        if let Some(wait) = &ahead_wait
+            && let Some(slot) = records.get_mut(wait.index)
+        {
+            slot.status = StepStatus::Scheduled.into();
+            slot.due_at_ms = wait.done_ms;
+        }
+        let current = ahead_wait
+            .as_ref()
+            .map_or(current, |wait| steps.get(wait.index));
         Ok(v1::Run {
             run_id: record.run_id,
             playbook: record.playbook,

@@ -7,9 +7,12 @@
 //! with a delay (`Task.delay_ms`); the worker keeps each until its due time and then
 //! delivers it, so the instant costs no Redis work at all.
 //!
-//! Only plain sends go ahead: action steps of unpaused playbook versions on channels
-//! without a rate limit, served by a worker that holds tasks ahead (`Hello.hold_ahead`).
-//! Everything else waits for its due time as usual. The lease of a step handed out
+//! Only plain sends at the end of a wait go ahead (`wait`, `wait_until`: the timers a
+//! marketer sets, where bursts come from): action steps of unpaused playbook versions on
+//! channels without a rate limit, served by a worker that holds tasks ahead
+//! (`Hello.hold_ahead`). Everything else waits for its due time as usual; in particular
+//! a step due again after a retry, a busy worker or a rate limit waits in Redis for
+//! whichever worker is free then, not in one worker's hold room. The lease of a step handed out
 //! ahead runs until a lease after its due time, and is not heartbeated before it.
 //!
 //! Half a second before the due time each such step is checked once more

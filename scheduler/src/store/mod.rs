@@ -744,9 +744,10 @@ impl Store {
     }
 
     /// Claims, to hand out ahead, up to `limit` runs of `partition` due after `now_ms`
-    /// and by `horizon_ms` whose step at that time is one of `eligible` (each "<playbook>
-    /// <version> <step index>"); each run's lease lasts until `lease_ms` after its due
-    /// time. Expired leases are left to [`Store::claim`].
+    /// and by `horizon_ms` that end a wait there and go on to one of `eligible` (each
+    /// "<playbook> <version> <step index>"); each run's lease lasts until `lease_ms`
+    /// after its due time. Runs due again after a retry, a busy worker or a rate limit
+    /// are left due, as are expired leases (both for [`Store::claim`]).
     pub async fn claim_ahead(
         &self,
         partition: u16,

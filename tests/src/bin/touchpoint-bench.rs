@@ -60,10 +60,13 @@ struct Args {
     /// The worker's concurrency on the bench channel.
     #[arg(long, default_value_t = 512)]
     concurrency: u32,
-    /// The scheduler's `--hand-out-ahead` (e.g. `5s`): sends due within it are handed
-    /// to the worker before their due time (the worker holds up to `--contacts` of them).
-    #[arg(long, default_value = "0s")]
+    /// The scheduler's `--hand-out-ahead` (e.g. `5s`, `0s` for off): sends ending a wait
+    /// within it are handed to the worker before their due time.
+    #[arg(long, default_value = "5s")]
     hand_out_ahead: String,
+    /// The worker's `hold_ahead`: most of those it keeps waiting at once.
+    #[arg(long, default_value_t = touchpoint_worker::config::DEFAULT_HOLD_AHEAD)]
+    hold_ahead: u32,
     /// Concurrent EnrollBatch calls.
     #[arg(long, default_value_t = 4)]
     enrollers: usize,
@@ -222,6 +225,7 @@ async fn burst(args: &Args, bench: &Bench, redis: &Redis) -> anyhow::Result<serd
         "partitions": args.partitions,
         "claim_batch": args.claim_batch,
         "hand_out_ahead": args.hand_out_ahead,
+        "hold_ahead": args.hold_ahead,
     }))
 }
 
@@ -340,9 +344,7 @@ impl Bench {
         for channel in &mut config.channels {
             channel.concurrency = args.concurrency;
         }
-        config.hold_ahead = u32::try_from(args.contacts.unwrap_or(100_000))
-            .unwrap_or(u32::MAX)
-            .min(touchpoint_proto::MAX_HOLD_AHEAD);
+        config.hold_ahead = args.hold_ahead;
         let mut registry = Registry::from_config(&config.channels)?;
         let recorder = Arc::new(Recorder::default());
         registry.insert(CHANNEL, Arc::clone(&recorder) as Arc<dyn ChannelAdapter>);

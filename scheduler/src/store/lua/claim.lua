@@ -8,10 +8,10 @@
 -- A run at the end of a wait whose next step is due at once (`wn` = "<wait index> <next
 -- index>", written when the wait began) is moved straight on: the wait recorded done in
 -- its timeline and funnel, the run claimed at the next step, in this one call.
--- Ahead (ARGV[7] later than now): claims instead the runs due after now and by then
--- whose step at that time is one of the eligible ones (ARGV[8..], "<playbook> <version>
--- <index>"), the others left due; their lease runs until a lease after their due time,
--- and their wait ends at its due time.
+-- Ahead (horizon ARGV[8] later than now): claims instead the runs due after now and by
+-- then that end a wait there and go on to one of the eligible steps (ARGV[9..],
+-- "<playbook> <version> <index>"), the others left due; their lease runs until a lease
+-- after their due time, and their wait ends at its due time.
 -- KEYS[1] due set, KEYS[2] lease set, KEYS[3] later set
 -- ARGV[1] now ms, ARGV[2] limit, ARGV[3] lease ms, ARGV[4] run key prefix, ARGV[5] contact key
 -- prefix, ARGV[6] stats prefix, ARGV[7] paused-runs prefix, ARGV[8] horizon ms (optional),
@@ -79,8 +79,10 @@ for n = 1, #due, 2 do
       wait, next_index = run[5], string.sub(run[14], space + 1)
     end
   end
+  -- Ahead, only the end of a wait: a step due again after a retry, a busy worker or a
+  -- rate limit waits for its time in Redis, for whichever worker is free then.
   local take = run[1] ~= 'active' or not ahead or
-    eligible[run[2] .. ' ' .. run[3] .. ' ' .. (next_index or run[5])]
+    (wait ~= nil and eligible[run[2] .. ' ' .. run[3] .. ' ' .. next_index])
   if take then
     ids[#ids + 1] = id
   end
