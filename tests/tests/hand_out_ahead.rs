@@ -234,13 +234,27 @@ async fn a_worker_killed_while_holding_sends_ahead_loses_none() {
 /// time) would have run out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduler_stopped_while_its_worker_holds_sends_ahead_loses_none() {
+    scheduler_gone_while_its_worker_holds_sends_ahead(false).await;
+}
+
+/// The same with the scheduler killed (kill -9) instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_killed_while_its_worker_holds_sends_ahead_loses_none() {
+    scheduler_gone_while_its_worker_holds_sends_ahead(true).await;
+}
+
+async fn scheduler_gone_while_its_worker_holds_sends_ahead(kill: bool) {
     let mut stack = start(&["--lease", "5m"]).await;
     let (runs, before) = enroll(&mut stack, 3).await;
     tokio::time::sleep_until((before + Duration::from_millis(3500)).into()).await;
     for run_id in &runs {
         assert_handed_out(&mut stack, run_id).await;
     }
-    stack.scheduler.terminate().await;
+    if kill {
+        stack.scheduler.kill9();
+    } else {
+        stack.scheduler.terminate().await;
+    }
     stack.restart_scheduler().await;
 
     let requests = stack.receiver.wait_for(runs.len(), TIMEOUT).await;

@@ -13,11 +13,16 @@ use touchpoint_tests::{
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Nothing handed out ahead: the timer in Redis is the subject here (a kill just after a
+/// claim leaves the step to its lease, ahead or not; hand_out_ahead.rs kills a scheduler
+/// whose worker holds sends ahead).
+const TIMERS_ONLY: [&str; 2] = ["--hand-out-ahead", "0s"];
+
 /// kill -9 the scheduler while a run sits in a 3 s wait, start it again on the same port:
 /// the wait still ends, the reminder goes out once, every step is delivered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_killed_during_a_wait_resumes_it_and_sends_nothing_twice() {
-    let mut stack = Stack::start(NODE, &[], &["wecom", "sms"]).await;
+    let mut stack = Stack::start(NODE, &TIMERS_ONLY, &["wecom", "sms"]).await;
     let applied = stack.apply(&welcome_yaml("3s")).await;
     assert_eq!(applied.status(), ApplyStatus::Created);
     let run = stack
@@ -95,7 +100,7 @@ async fn scheduler_killed_during_a_wait_resumes_it_and_sends_nothing_twice() {
 /// same webhook-id; see docs/delivery-semantics.md.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_during_a_wait_loses_nothing() {
-    let mut stack = Stack::start(NODE, &[], &["wecom", "sms"]).await;
+    let mut stack = Stack::start(NODE, &TIMERS_ONLY, &["wecom", "sms"]).await;
     let mut conn = stack.redis.connection().await;
     let _: () = redis::cmd("CONFIG")
         .arg("SET")

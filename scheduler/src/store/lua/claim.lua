@@ -68,7 +68,7 @@ for n = 1, #due, 2 do
   local id = due[n]
   local at = math.max(tonumber(due[n + 1]), now)
   local key = runs .. id
-  local run = redis.call('HMGET', key, 'st', 'pb', 'v', 'c', 'i', 'a', 'tp', 'due', 'ws', 'ca', 'ev', 'rs', 'f', 'wn')
+  local run = redis.call('HMGET', key, 'st', 'pb', 'v', 'c', 'i', 'a', 'tp', 'due', 'ws', 'ca', 'ev', 'rs', 'f', 'wn', 't')
   -- The wait this run ends and the step it moves on to, if it does (see above).
   local wait, next_index
   if run[1] == 'active' and run[14] then
@@ -89,8 +89,7 @@ for n = 1, #due, 2 do
   if take and wait then
     local line = '{"i":' .. wait .. ',"s":"done","a":0,"due":' .. (run[8] or at) ..
       ',"at":' .. at .. '}'
-    local timeline = redis.call('HGET', key, 't')
-    timeline = timeline and (timeline .. '\n' .. line) or line
+    local timeline = run[15] and (run[15] .. '\n' .. line) or line
     redis.call('HSET', key, 'i', next_index, 'a', 1, 'ua', at, 'd', '', 't', timeline)
     local stats = ARGV[6] .. run[2] .. ':' .. run[3]
     count(stats, wait .. ':done')
