@@ -96,6 +96,10 @@ pub struct SchedulerMetrics {
     pub leases_in_flight: Gauge,
     /// Leases that ran out and went back to due.
     pub leases_expired: Counter,
+    /// Sends handed to a worker before their due time (`--hand-out-ahead`).
+    pub handed_out_ahead: Counter,
+    /// Sends handed out ahead and revoked before their due time (run moved on, paused).
+    pub ahead_revoked: Counter,
     /// Worker results refused because their lease had expired or been superseded.
     pub stale_results: Counter,
     /// Connected workers serving each channel.
@@ -148,6 +152,8 @@ impl Metrics {
             due_backlog: Gauge::default(),
             leases_in_flight: Gauge::default(),
             leases_expired: Counter::default(),
+            handed_out_ahead: Counter::default(),
+            ahead_revoked: Counter::default(),
             stale_results: Counter::default(),
             workers_connected: Family::default(),
             rate_limit_waits: Family::default(),
@@ -199,6 +205,16 @@ impl Metrics {
             "touchpoint_scheduler_leases_expired",
             "Leases that ran out and went back to due",
             s.leases_expired.clone(),
+        );
+        r.register(
+            "touchpoint_scheduler_handed_out_ahead",
+            "Sends handed to a worker before their due time",
+            s.handed_out_ahead.clone(),
+        );
+        r.register(
+            "touchpoint_scheduler_ahead_revoked",
+            "Sends handed out ahead and revoked before their due time",
+            s.ahead_revoked.clone(),
         );
         r.register(
             "touchpoint_scheduler_stale_results",

@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 
 use touchpoint_proto::v1::{CancelRunRequest, Run, RunStatus, StepStatus};
 use touchpoint_tests::{
-    ReceivedRequest, Stack, contact, eventually, request_id, run_summary, stays,
+    ReceivedRequest, Stack, contact, eventually, free_port, gauge, request_id, run_summary, scrape,
+    stays,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
 const TIMEOUT: Duration = Duration::from_secs(30);
+const HANDED_OUT_AHEAD: &str = "touchpoint_scheduler_handed_out_ahead_total";
 /// How long the runs wait before their send: longer than the window, so the send is
 /// handed out ahead some time after enrollment.
 const WAIT: Duration = Duration::from_secs(5);
@@ -88,13 +90,16 @@ fn assert_none_early(stack: &Stack, requests: &[ReceivedRequest], before: Instan
 /// its due time, at its first attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_handed_out_ahead_go_out_at_their_due_time() {
-    let mut stack = start(&[]).await;
+    let port = free_port();
+    let mut stack = start(&["--metrics-listen", &format!("127.0.0.1:{port}")]).await;
     let (runs, before) = enroll(&mut stack, 5).await;
     tokio::time::sleep_until((before + Duration::from_secs(4)).into()).await;
     for run_id in &runs {
         assert_handed_out(&mut stack, run_id).await;
     }
     assert_eq!(stack.receiver.count(), 0, "{}", stack.receiver.summary());
+    let metrics = scrape(port).await;
+    assert_eq!(gauge(&metrics, HANDED_OUT_AHEAD), Some(5), "{metrics}");
 
     let requests = stack.receiver.wait_for(runs.len(), TIMEOUT).await;
     assert_none_early(&stack, &requests, before);
@@ -152,7 +157,8 @@ async fn a_retry_is_not_handed_out_ahead() {
 /// revoked on the worker: nothing goes out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_cancelled_before_its_due_time_is_revoked() {
-    let mut stack = start(&[]).await;
+    let port = free_port();
+    let mut stack = start(&["--metrics-listen", &format!("127.0.0.1:{port}")]).await;
     let (runs, before) = enroll(&mut stack, 2).await;
     tokio::time::sleep_until((before + Duration::from_millis(3500)).into()).await;
     assert_handed_out(&mut stack, &runs[0]).await;
@@ -194,6 +200,13 @@ async fn a_run_cancelled_before_its_due_time_is_revoked() {
         ),
         "{}",
         run_summary(&cancelled)
+    );
+    let metrics = scrape(port).await;
+    assert_eq!(gauge(&metrics, HANDED_OUT_AHEAD), Some(2), "{metrics}");
+    assert_eq!(
+        gauge(&metrics, "touchpoint_scheduler_ahead_revoked_total"),
+        Some(1),
+        "{metrics}"
     );
     let log = stack.scheduler.process().log();
     assert!(

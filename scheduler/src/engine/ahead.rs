@@ -222,6 +222,7 @@ impl Engine {
         };
         let not_sent = self.hand_to(reserved, in_flight, task, now);
         if not_sent.is_none() {
+            metrics().scheduler.handed_out_ahead.inc();
             self.ahead_checks.add(due - CHECK_BEFORE_MS, check);
         }
         not_sent
@@ -320,6 +321,7 @@ impl Engine {
                 }
             }
             if revoked > 0 {
+                metrics().scheduler.ahead_revoked.inc_by(revoked as u64);
                 info!(
                     partition,
                     revoked, "steps handed out ahead revoked before they were due"
