@@ -129,6 +129,8 @@ pub struct WorkerMetrics {
     pub rate_limited: Family<ChannelLabels, Counter>,
     /// Schedulers the worker holds a stream to (0: none).
     pub scheduler_connected: Gauge,
+    /// Tasks handed out ahead waiting for their due time (at most `hold_ahead`).
+    pub held_ahead: Gauge,
 }
 
 /// Both components' metrics and the registry they are encoded from.
@@ -168,6 +170,7 @@ impl Metrics {
             deliveries_in_flight: Gauge::default(),
             rate_limited: Family::default(),
             scheduler_connected: Gauge::default(),
+            held_ahead: Gauge::default(),
         };
         let s = &scheduler;
         let r = &mut registry;
@@ -276,6 +279,11 @@ impl Metrics {
             "touchpoint_worker_scheduler_connected",
             "Schedulers the worker holds a stream to (0: none)",
             w.scheduler_connected.clone(),
+        );
+        r.register(
+            "touchpoint_worker_held_ahead",
+            "Tasks handed out ahead waiting for their due time",
+            w.held_ahead.clone(),
         );
         Self {
             scheduler,

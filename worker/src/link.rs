@@ -682,6 +682,23 @@ struct Ahead {
     waiting: Arc<Mutex<HashMap<(String, u64), CancellationToken>>>,
     outbox: Outbox,
     stream: StreamId,
+    _counted: HeldAhead,
+}
+
+/// Counts a task in `touchpoint_worker_held_ahead` for as long as it waits.
+struct HeldAhead;
+
+impl HeldAhead {
+    fn count() -> Self {
+        metrics().worker.held_ahead.inc();
+        Self
+    }
+}
+
+impl Drop for HeldAhead {
+    fn drop(&mut self) {
+        metrics().worker.held_ahead.dec();
+    }
 }
 
 impl Ahead {
@@ -733,6 +750,7 @@ impl Link {
             waiting: Arc::clone(&self.waiting),
             outbox: self.outbox.clone(),
             stream,
+            _counted: HeldAhead::count(),
         })
     }
 }
