@@ -12,8 +12,12 @@
 //! channels without a rate limit, served by a worker that holds tasks ahead
 //! (`Hello.hold_ahead`). Everything else waits for its due time as usual; in particular
 //! a step due again after a retry, a busy worker or a rate limit waits in Redis for
-//! whichever worker is free then, not in one worker's hold room. The lease of a step handed out
-//! ahead runs until a lease after its due time, and is not heartbeated before it.
+//! whichever worker is free then, not in one worker's hold room. The lease of a step
+//! handed out ahead runs until a lease after its due time, and is not heartbeated
+//! before it.
+//!
+//! GetRun shows such a run still in its wait until the wait's end (`as_of` in
+//! `api/run_service.rs`), though the claim recorded the wait as done at that time.
 //!
 //! Half a second before the due time each such step is checked once more
 //! (`moved_on.lua`): a run cancelled, converted or moved on meanwhile, or a playbook
