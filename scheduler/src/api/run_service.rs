@@ -378,10 +378,11 @@ impl RunApi {
             slot.done_at_ms = 0;
             slot.worker = String::new();
             slot.due_at_ms = record.due_ms;
-            slot.detail = record.detail.clone();
-            if ahead_wait.is_some() {
-                slot.detail = "handed out ahead: goes out at its due time".to_owned();
-            }
+            slot.detail = if ahead_wait.is_some() {
+                "handed out ahead: goes out at its due time".to_owned()
+            } else {
+                record.detail.clone()
+            };
         }
         if let Some(wait) = &ahead_wait
             && let Some(slot) = records.get_mut(wait.index)
