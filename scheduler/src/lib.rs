@@ -97,6 +97,12 @@ pub struct SchedulerArgs {
     /// How long a worker holds a handed-out step before it is handed out again.
     #[arg(long, env = "TOUCHPOINT_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lease: Duration,
+    /// How often the scheduler pings each connection (workers and API clients) over
+    /// HTTP/2; one that does not answer within the lesser of this and 5s is closed, so
+    /// a worker whose machine died or whose network went silent stops getting steps
+    /// and its steps wait for it to re-attach (as for any broken stream). 0s: off.
+    #[arg(long, env = "TOUCHPOINT_KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive: Duration,
     /// Partitions of the deployment: fixed when it is created.
     #[arg(long, env = "TOUCHPOINT_PARTITIONS", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=16384))]
     pub partitions: u16,
@@ -171,7 +177,9 @@ pub async fn run(
         key: args.tls_key.clone(),
         client_ca: args.tls_client_ca.clone(),
     };
-    let server = server_tls.server().context("cannot set up TLS")?;
+    let server = server_tls
+        .server(args.keepalive)
+        .context("cannot set up TLS")?;
     let redis = RedisEndpoint {
         url: args.redis_url.clone(),
         tls: RedisTls::from_files(

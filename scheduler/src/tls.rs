@@ -15,6 +15,8 @@ pub(crate) const CLIENT_CA_ENV: &str = "TOUCHPOINT_TLS_CLIENT_CA";
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection may take to answer a keepalive ping.
+const KEEPALIVE_TIMEOUT_MAX: Duration = Duration::from_secs(5);
 
 /// The scheduler's TLS settings, as given.
 #[derive(Debug, Clone, Default)]
@@ -52,11 +54,15 @@ impl ServerTls {
         }))
     }
 
-    /// A server builder, serving TLS when configured.
-    pub(crate) fn server(&self) -> Result<Server, ConfigError> {
+    /// A server builder, serving TLS when configured, that pings every connection each
+    /// `keepalive` (none when zero) and closes one that does not answer in time.
+    pub(crate) fn server(&self, keepalive: Duration) -> Result<Server, ConfigError> {
+        let keepalive = (!keepalive.is_zero()).then_some(keepalive);
         let server = Server::builder()
             .initial_connection_window_size(touchpoint_proto::CONNECTION_WINDOW_BYTES)
-            .initial_stream_window_size(touchpoint_proto::STREAM_WINDOW_BYTES);
+            .initial_stream_window_size(touchpoint_proto::STREAM_WINDOW_BYTES)
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout(keepalive.map(|every| every.min(KEEPALIVE_TIMEOUT_MAX)));
         let Some(config) = self.config()? else {
             return Ok(server);
         };

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use touchpoint_proto::v1::{ApplyStatus, Outcome, RunStatus, StepStatus};
 use touchpoint_tests::{
-    ChannelConfig, RawWorker, SECRET_ENV, Stack, WorkerConfig, WorkerNode, contact, request_id,
-    run_summary, stays,
+    ChannelConfig, RawWorker, SECRET_ENV, Stack, WorkerConfig, WorkerNode, contact, eventually,
+    free_port, gauge, request_id, run_summary, scrape, stays,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
@@ -209,4 +209,80 @@ async fn a_silent_worker_set_aside_gets_tasks_again() {
         .wait_for_status(&second, RunStatus::Completed, TIMEOUT)
         .await;
     assert_eq!(done.steps[0].attempts, 1, "{}", run_summary(&done));
+}
+
+/// A worker whose machine goes silent (SIGSTOP: its connection stays open and nothing
+/// answers on it) is dropped by the scheduler's keepalive: it no longer counts as
+/// connected and gets no new steps, so steps enrolled meanwhile go to the live worker at
+/// their first attempt instead of waiting out a lease on the silent one. Woken up, the
+/// worker attaches again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_worker_is_dropped_by_the_keepalive() {
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let flags = [
+        "--keepalive",
+        "1s",
+        "--lease",
+        "20s",
+        "--metrics-listen",
+        &metrics,
+    ];
+    let mut stack = Stack::start(NODE, &flags, &["wecom"]).await;
+    let connected = || async {
+        let text = scrape(port).await;
+        gauge(
+            &text,
+            "touchpoint_scheduler_workers_connected{channel=\"wecom\"}",
+        )
+    };
+    assert!(eventually(TIMEOUT, || async { connected().await == Some(1) }).await);
+
+    stack.worker("w-1").process().freeze();
+    let dropped = eventually(TIMEOUT, || {
+        let log = stack.scheduler.process().log();
+        async move {
+            log.lines().any(|l| {
+                l.contains("worker=w-1")
+                    && (l.contains("worker disconnected") || l.contains("worker stream failed"))
+            })
+        }
+    })
+    .await;
+    assert!(
+        dropped,
+        "the silent worker was not dropped:\n{}",
+        stack.scheduler.process().log_tail(20)
+    );
+    assert_eq!(connected().await, Some(0));
+
+    stack.start_worker("w-2");
+    let yaml = "name: one-step\nsteps:\n  - {id: greet, action: send_message, channel: wecom}\n";
+    assert_eq!(stack.apply(yaml).await.status(), ApplyStatus::Created);
+    let mut runs = Vec::new();
+    for n in 0..4 {
+        let contact = contact(&format!("c-31{n:02}"), &[], &[]);
+        runs.push(
+            stack
+                .enroll("one-step", contact, &request_id())
+                .await
+                .run_id,
+        );
+    }
+    for run in &runs {
+        let done = stack
+            .client
+            .wait_for_status(run, RunStatus::Completed, TIMEOUT)
+            .await;
+        let timeline = run_summary(&done);
+        assert_eq!(done.steps[0].worker, "w-2", "{timeline}");
+        assert_eq!(done.steps[0].attempts, 1, "{timeline}");
+    }
+
+    stack.worker("w-1").process().thaw();
+    assert!(
+        eventually(TIMEOUT, || async { connected().await == Some(2) }).await,
+        "the woken worker did not attach again:\n{}",
+        stack.worker("w-1").process().log_tail(20)
+    );
 }
