@@ -102,3 +102,86 @@ fn without_redis_server_it_says_what_to_install() {
     assert!(stderr.contains("redis-server not found"), "{stderr}");
     assert!(stderr.contains("apt-get install redis-server"), "{stderr}");
 }
+
+/// `tp dev` killed with SIGKILL cannot stop its Redis; Redis goes with it all the same
+/// (Linux, util-linux's `setpriv`), instead of running on, orphaned.
+#[cfg(target_os = "linux")]
+#[test]
+fn its_redis_dies_with_it_when_it_is_killed() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(TP)
+        .args(["dev", "--listen", &listen])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tp dev");
+    let banner_out = child.stderr.take().expect("stderr");
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(banner_out).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut banner = String::new();
+    while !banner.contains("scheduler  http") {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => banner.push_str(&line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("tp dev did not come up: {banner}");
+            }
+        }
+    }
+    let redis = redis_children(child.id());
+    assert_eq!(redis.len(), 1, "tp dev's redis-server: {redis:?}");
+
+    child.kill().expect("kill -9 tp dev");
+    child.wait().expect("reap tp dev");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_alive(redis[0]) {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server {} outlived tp dev",
+            redis[0]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(data) = banner
+        .split_whitespace()
+        .find(|word| word.contains("touchpoint-dev-"))
+    {
+        let _ = std::fs::remove_dir_all(data.trim_matches(|c| c == '(' || c == ')'));
+    }
+}
+
+/// `/proc/<pid>/stat` after the command name: state, parent pid, ...
+#[cfg(target_os = "linux")]
+fn stat_after_name(pid: &str) -> Option<(String, Vec<String>)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    Some((name, rest.split_whitespace().map(str::to_owned).collect()))
+}
+
+/// The `redis-server` processes whose parent is `parent`.
+#[cfg(target_os = "linux")]
+fn redis_children(parent: u32) -> Vec<u32> {
+    let parent = parent.to_string();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            stat_after_name(&pid.to_string()).is_some_and(|(name, fields)| {
+                name == "redis-server" && fields.get(1) == Some(&parent)
+            })
+        })
+        .collect()
+}
+
+/// Running: there and not a zombie waiting to be reaped.
+#[cfg(target_os = "linux")]
+fn is_alive(pid: u32) -> bool {
+    stat_after_name(&pid.to_string()).is_some_and(|(_, fields)| fields[0] != "Z")
+}

@@ -304,6 +304,21 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
+/// The command that starts `redis-server` at `binary`. On Linux, through util-linux's
+/// `setpriv --pdeathsig KILL` when it is there, so that Redis dies with `tp` even when
+/// `tp` itself is killed with SIGKILL and cannot stop it (its data folder is then left
+/// in the temporary folder).
+fn redis_command(binary: &Path) -> Command {
+    if cfg!(target_os = "linux")
+        && let Some(setpriv) = find_on_path("setpriv")
+    {
+        let mut command = Command::new(setpriv);
+        command.args(["--pdeathsig", "KILL", "--"]).arg(binary);
+        return command;
+    }
+    Command::new(binary)
+}
+
 /// An ephemeral `redis-server`, killed when dropped.
 #[derive(Debug)]
 struct Redis {
@@ -320,7 +335,7 @@ impl Redis {
             .context("cannot find a free port for Redis")?
             .port();
         let log = data.join("redis.log");
-        let child = Command::new(binary)
+        let child = redis_command(binary)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--appendonly", "yes", "--save", ""])
             .arg("--dir")
