@@ -1518,6 +1518,7 @@ impl Engine {
         if !taken.is_empty() {
             info!(worker = %worker_id, steps = taken.len(), "worker re-attached; the steps it held are its again");
         }
+        self.send_unsent_revokes(connection, worker_id);
     }
 
     fn finish_attempt(

@@ -26,12 +26,23 @@ pub struct RawWorker {
 impl RawWorker {
     /// Attaches as `worker_id` serving `channels` (4 slots) and reads the Welcome.
     pub async fn attach(stack: &Stack, worker_id: &str, channels: &[&str]) -> Self {
+        Self::attach_holding_ahead(stack, worker_id, channels, 0).await
+    }
+
+    /// The same, taking up to `hold_ahead` steps handed out ahead of their due time.
+    pub async fn attach_holding_ahead(
+        stack: &Stack,
+        worker_id: &str,
+        channels: &[&str],
+        hold_ahead: u32,
+    ) -> Self {
         let (out, rx) = mpsc::unbounded_channel();
         let worker = Self::send_on(&out);
         worker(worker_message::Kind::Hello(Hello {
             worker_id: worker_id.to_owned(),
             channels: channels.iter().map(|&c| c.to_owned()).collect(),
             capacity: 4,
+            hold_ahead,
             ..Hello::default()
         }));
         let mut inbound = stack
@@ -62,6 +73,11 @@ impl RawWorker {
     /// Sends one message.
     pub fn send(&self, kind: worker_message::Kind) {
         Self::send_on(&self.out)(kind);
+    }
+
+    /// The scheduler's next message other than `Peers`.
+    pub async fn message(&mut self) -> scheduler_message::Kind {
+        next_message(&mut self.inbound).await
     }
 
     /// The next task (other messages but `Peers` fail the test).

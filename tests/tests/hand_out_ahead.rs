@@ -5,10 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use touchpoint_proto::v1::{CancelRunRequest, Run, RunStatus, StepStatus};
+use touchpoint_proto::v1::{CancelRunRequest, Run, RunStatus, StepStatus, scheduler_message};
 use touchpoint_tests::{
-    ReceivedRequest, Stack, contact, eventually, free_port, gauge, request_id, run_summary, scrape,
-    stays,
+    RawWorker, ReceivedRequest, Stack, contact, eventually, free_port, gauge, request_id,
+    run_summary, scrape, stays,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_touchpoint-node");
@@ -351,4 +351,57 @@ async fn sends_ahead_handed_back_to_the_next_scheduler_go_out_at_their_time() {
         "{}",
         stack.receiver.summary()
     );
+}
+
+/// A worker's stream ends while it holds a send ahead (it keeps the send, to go out at its
+/// due time), and the run is cancelled meanwhile: the last check before the due time
+/// cannot reach the worker, so the revoke is kept and sent when the worker re-attaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_for_a_worker_away_reaches_it_when_it_re_attaches() {
+    let mut stack = Stack::start(NODE, &["--hand-out-ahead", "3s"], &[]).await;
+    let yaml = "name: away\nsteps:\n  - {id: pause, wait: 5s}\n  \
+                - {id: greet, action: send_message, channel: crm}\n";
+    stack.apply(yaml).await;
+    let worker = RawWorker::attach_holding_ahead(&stack, "raw-away", &["crm"], 8).await;
+    let mut worker = Some(worker);
+    let run_id = stack
+        .enroll("away", contact("c-4001", &[], &[]), &request_id())
+        .await
+        .run_id;
+    let task = worker.as_mut().expect("attached").task().await;
+    assert_eq!(task.run_id, run_id);
+    assert!(task.delay_ms > 0, "not handed out ahead: {task:?}");
+
+    drop(worker.take());
+    let detached = eventually(TIMEOUT, || {
+        let log = stack.scheduler.process().log();
+        async move { log.contains("worker disconnected worker=raw-away") }
+    })
+    .await;
+    assert!(detached, "{}", stack.scheduler.process().log_tail(20));
+    stack
+        .client
+        .runs
+        .cancel_run(CancelRunRequest {
+            run_id: run_id.clone(),
+        })
+        .await
+        .expect("CancelRun");
+    let kept = eventually(TIMEOUT, || {
+        let log = stack.scheduler.process().log();
+        async move { log.contains("revoke kept for when the worker re-attaches") }
+    })
+    .await;
+    assert!(kept, "{}", stack.scheduler.process().log_tail(20));
+
+    let mut again = RawWorker::attach_holding_ahead(&stack, "raw-away", &["crm"], 8).await;
+    match again.message().await {
+        scheduler_message::Kind::Revoke(revoke) => {
+            assert_eq!(
+                (revoke.run_id.as_str(), revoke.fencing_token),
+                (run_id.as_str(), task.fencing_token)
+            );
+        }
+        other => panic!("expected the kept Revoke, got {other:?}"),
+    }
 }

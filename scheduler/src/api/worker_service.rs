@@ -103,7 +103,6 @@ impl WorkerService for WorkerApi {
         // Room for every task the worker may hold, and as many revokes.
         let capacity = usize::try_from(hello.capacity.saturating_add(hold_ahead.saturating_mul(2)))
             .unwrap_or(1);
-        // Room for every task the worker may hold.
         let (sender, receiver) = mpsc::channel(capacity);
         let welcome = SchedulerMessage {
             kind: Some(scheduler_message::Kind::Welcome(Welcome {

@@ -22,7 +22,8 @@
 //! Half a second before the due time each such step is checked once more
 //! (`moved_on.lua`): a run cancelled, converted or moved on meanwhile, or a playbook
 //! paused, revokes it on its worker (`Revoke`); a paused one is due again at its time.
-//! A cancel after that check is too late, as for a step already in flight.
+//! A worker whose stream has ended by then gets the revoke when it re-attaches. A
+//! cancel after that check is too late, as for a step already in flight.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -33,6 +34,7 @@ use tokio::sync::Notify;
 
 use super::{Completion, Engine, InFlight, Op, StepKind, lock, millis, now_ms, v1};
 use crate::store::ClaimedRun;
+use crate::workers::ConnectionId;
 use touchpoint_proto::metrics::metrics;
 use touchpoint_proto::v1::{SchedulerMessage, scheduler_message};
 use tracing::{debug, info, warn};
@@ -49,11 +51,21 @@ struct Check {
     playbook: String,
 }
 
-/// The steps handed out ahead, by when to check them (ms).
+/// A revoke for a worker whose stream had ended: sent when it re-attaches, until the
+/// step's lease runs out.
+#[derive(Debug)]
+struct Unsent {
+    revoke: v1::Revoke,
+    until_ms: i64,
+}
+
+/// The steps handed out ahead, by when to check them (ms), and the revokes waiting for
+/// their worker to re-attach, by worker id.
 #[derive(Debug, Default)]
 pub(crate) struct AheadChecks {
     queue: std::sync::Mutex<BTreeMap<i64, Vec<Check>>>,
     added: Notify,
+    unsent: std::sync::Mutex<HashMap<String, Vec<Unsent>>>,
 }
 
 impl AheadChecks {
@@ -67,6 +79,28 @@ impl AheadChecks {
         if earliest {
             self.added.notify_one();
         }
+    }
+
+    /// Keeps `revoke` for `worker_id` until `until_ms` (dropping those past theirs).
+    fn keep_unsent(&self, worker_id: &str, revoke: v1::Revoke, until_ms: i64, now: i64) {
+        let mut unsent = lock(&self.unsent);
+        unsent.retain(|_, revokes| {
+            revokes.retain(|r| r.until_ms > now);
+            !revokes.is_empty()
+        });
+        unsent
+            .entry(worker_id.to_owned())
+            .or_default()
+            .push(Unsent { revoke, until_ms });
+    }
+
+    /// The revokes kept for `worker_id` whose steps' leases still run.
+    fn take_unsent(&self, worker_id: &str, now: i64) -> Vec<v1::Revoke> {
+        let kept = lock(&self.unsent).remove(worker_id).unwrap_or_default();
+        kept.into_iter()
+            .filter(|r| r.until_ms > now)
+            .map(|r| r.revoke)
+            .collect()
     }
 
     /// The checks due by `now`, and when the next one is.
@@ -239,22 +273,42 @@ impl Engine {
         let _ = self.completions.send((in_flight.partition, completion));
     }
 
-    /// Tells the worker holding `f` (handed out ahead, for run `run_id`) to drop it.
+    /// Tells the worker holding `f` (handed out ahead, for run `run_id`) to drop it; a
+    /// worker whose stream has ended is told when it re-attaches (it keeps the step
+    /// until its due time whether or not it has a stream).
     pub(super) fn revoke(&self, run_id: &str, f: &InFlight) {
+        let revoke = v1::Revoke {
+            run_id: run_id.to_owned(),
+            fencing_token: f.fence,
+        };
         let Some(sender) = self.workers.sender(f.connection) else {
+            info!(worker = %f.worker_id, run_id, "revoke kept for when the worker re-attaches: its stream has ended");
+            self.ahead_checks
+                .keep_unsent(&f.worker_id, revoke, f.lease_deadline_ms, now_ms());
             return;
         };
-        let revoke = SchedulerMessage {
-            kind: Some(scheduler_message::Kind::Revoke(v1::Revoke {
-                run_id: run_id.to_owned(),
-                fencing_token: f.fence,
-            })),
-        };
-        if sender.try_send(Ok(revoke)).is_err() {
+        if sender.try_send(Ok(revoke_message(revoke))).is_err() {
             warn!(
                 run_id,
                 "could not revoke a step handed out ahead: the worker's stream is full or gone"
             );
+        }
+    }
+
+    /// Sends `worker_id`, re-attached on `connection`, the revokes kept while it was away.
+    pub(super) fn send_unsent_revokes(&self, connection: ConnectionId, worker_id: &str) {
+        let revokes = self.ahead_checks.take_unsent(worker_id, now_ms());
+        if revokes.is_empty() {
+            return;
+        }
+        let Some(sender) = self.workers.sender(connection) else {
+            return;
+        };
+        info!(worker = %worker_id, revokes = revokes.len(), "sending revokes kept while the worker was away");
+        for revoke in revokes {
+            if sender.try_send(Ok(revoke_message(revoke))).is_err() {
+                warn!(worker = %worker_id, "could not send a kept revoke: the worker's stream is full or gone");
+            }
         }
     }
 
@@ -332,6 +386,12 @@ impl Engine {
                 );
             }
         }
+    }
+}
+
+fn revoke_message(revoke: v1::Revoke) -> SchedulerMessage {
+    SchedulerMessage {
+        kind: Some(scheduler_message::Kind::Revoke(revoke)),
     }
 }
 
