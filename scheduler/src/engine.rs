@@ -50,8 +50,8 @@ use crate::{
         idempotency_key, next_step, partition_of_run, retry_delay,
     },
     store::{
-        AfterEvent, CapCheck, ClaimedRun, Completion, ContactRecord, Op, Rate, Send, Spent, Stat,
-        Store, WaitRegistration,
+        AfterEvent, CapCheck, ClaimedRun, Completion, ContactRecord, Op, Rate, Refund, Send, Spent,
+        Stat, Store, WaitRegistration,
     },
     wake::{self, Wake},
     workers::{ConnectionId, NoWorker, WorkerSender, Workers},
@@ -567,6 +567,7 @@ impl Engine {
                 entry,
                 stat,
                 unwait: false,
+                refund: None,
             }))
         };
         let playbook = match self
@@ -685,6 +686,7 @@ impl Engine {
                         entry: Some(timed_out),
                         stat: Some(Stat::TimedOut),
                         unwait: true,
+                        refund: None,
                     }));
                 }
                 let then = match advance(pb, target(wait_for.on_event), now) {
@@ -921,6 +923,7 @@ impl Engine {
                 entry,
                 stat: Some(stat),
                 unwait: false,
+                refund: None,
             });
         }
         Ok(free)
@@ -990,6 +993,7 @@ impl Engine {
                     entry: None,
                     stat: None,
                     unwait: false,
+                    refund: None,
                 });
             }
             if waiting > 0 {
@@ -1117,6 +1121,7 @@ impl Engine {
             entry: None,
             stat: None,
             unwait: false,
+            refund: None,
         };
         if self.draining.load(Ordering::SeqCst) {
             return Some(hold_back("the scheduler is stopping".to_owned(), 0));
@@ -1203,6 +1208,7 @@ impl Engine {
                 entry: None,
                 stat: None,
                 unwait: false,
+                refund: None,
             });
         }
         None
@@ -1455,6 +1461,7 @@ impl Engine {
                 entry: None,
                 stat: None,
                 unwait: false,
+                refund: None,
             };
             let _ = self.completions.send((f.partition, completion));
         }
@@ -1616,6 +1623,9 @@ impl Engine {
             // A run whose step fails for good is dead-lettered.
             outcomes.get_or_create(&labels("dead_lettered")).inc();
         }
+        let refund = matches!(outcome, Outcome::Permanent | Outcome::Skipped)
+            .then(|| self.counted_send(&run_id, &f))
+            .flatten();
         let completion = Completion {
             run_id,
             fence: f.fence,
@@ -1624,9 +1634,26 @@ impl Engine {
             entry,
             stat,
             unwait: false,
+            refund,
         };
         // The receiver only goes away at shutdown, when leases take over.
         let _ = self.completions.send((f.partition, completion));
+    }
+
+    /// The send of `f` as `spend_budget` counted it against the contact's caps, if it
+    /// was: an action step that is not transactional, on a channel the policy caps.
+    fn counted_send(&self, run_id: &str, f: &InFlight) -> Option<Refund> {
+        let step = f.playbook.playbook.steps.get(f.step_index)?;
+        let StepKind::Action(action) = &step.kind else {
+            return None;
+        };
+        if action.transactional || self.policy().caps_for(&f.channel).next().is_none() {
+            return None;
+        }
+        Some(Refund {
+            member: idempotency_key(run_id, &step.id),
+            channel: f.channel.clone(),
+        })
     }
 
     /// Applies workers' outcomes in batches, one script call per partition. Outcomes that

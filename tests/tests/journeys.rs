@@ -456,6 +456,78 @@ async fn caps_hold_across_playbooks_and_schedulers() {
     drop(second);
 }
 
+/// One message a day per contact: a send the provider refused (HTTP 400, a permanent
+/// failure) did not reach the contact, so it is uncounted and the contact's next
+/// message goes out; one whose retries ran out on 503s may have reached them, so it
+/// stays counted and the next message is capped.
+#[tokio::test]
+async fn a_send_refused_for_good_is_uncounted_from_the_caps() {
+    let mut stack = Stack::start(NODE, &[], &["crm"]).await;
+    stack
+        .client
+        .policy
+        .apply_policy(ApplyPolicyRequest {
+            yaml: "caps:\n  - { channel: \"*\", max: 1, per: 1d }\n".to_owned(),
+            dry_run: false,
+        })
+        .await
+        .expect("ApplyPolicy");
+    let retry = "    retry: { max_attempts: 2, initial: 100ms, max: 100ms }\n";
+    stack.apply(&one_send("first", "crm", retry)).await;
+    stack.apply(&one_send("second", "crm", "")).await;
+    // Let the scheduler load the policy (it reads it every second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Refused: uncounted, so the second message goes out.
+    stack.receiver.respond_with(&[400]);
+    let refused = stack
+        .enroll("first", contact("c-refused", &[], &[]), &request_id())
+        .await;
+    stack
+        .client
+        .wait_for_status(&refused.run_id, RunStatus::Failed, TIMEOUT)
+        .await;
+    let next = stack
+        .enroll("second", contact("c-refused", &[], &[]), &request_id())
+        .await;
+    let next = stack
+        .client
+        .wait_for_status(&next.run_id, RunStatus::Completed, TIMEOUT)
+        .await;
+    assert_eq!(
+        next.steps[0].status(),
+        StepStatus::Done,
+        "{}",
+        run_summary(&next)
+    );
+
+    // Given up after 503s: still counted, so the second message is capped.
+    stack.receiver.respond_with(&[503, 503]);
+    let gave_up = stack
+        .enroll("first", contact("c-gave-up", &[], &[]), &request_id())
+        .await;
+    let gave_up = stack
+        .client
+        .wait_for_status(&gave_up.run_id, RunStatus::Failed, TIMEOUT)
+        .await;
+    assert_eq!(gave_up.steps[0].attempts, 2, "{}", run_summary(&gave_up));
+    let next = stack
+        .enroll("second", contact("c-gave-up", &[], &[]), &request_id())
+        .await;
+    let next = stack
+        .client
+        .wait_for_status(&next.run_id, RunStatus::Completed, TIMEOUT)
+        .await;
+    assert_eq!(
+        next.steps[0].status(),
+        StepStatus::Skipped,
+        "{}",
+        run_summary(&next)
+    );
+    assert_eq!(delivered(&stack, "c-refused"), ["send", "send"]);
+    assert_eq!(delivered(&stack, "c-gave-up"), ["send", "send"]);
+}
+
 /// `HH:MM` in UTC, `minutes` from now (wrapping at midnight).
 fn utc_clock(minutes: i64) -> String {
     let now = SystemTime::now()

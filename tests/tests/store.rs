@@ -64,6 +64,7 @@ fn finish(run_id: &str, fence: u64) -> Completion {
         entry: None,
         stat: None,
         unwait: false,
+        refund: None,
     }
 }
 
@@ -339,6 +340,7 @@ async fn a_retry_is_due_at_its_backoff_and_keeps_its_attempt_count() {
         entry: None,
         stat: None,
         unwait: false,
+        refund: None,
     };
     assert_eq!(store.complete(0, 20, &[retry]).await.unwrap(), (1, 0));
     assert!(store.claim(0, 499, 10, 1000).await.unwrap().runs.is_empty());
@@ -373,6 +375,7 @@ async fn the_same_outcome_twice_in_one_batch_counts_once() {
         entry: Some(failed_entry(0, "done")),
         stat: None,
         unwait: false,
+        refund: None,
     };
     assert_eq!(
         store
@@ -501,6 +504,7 @@ async fn fail_run(store: &Store, partition: u16, playbook: &str, now: i64, entry
         entry: entry.then(|| failed_entry(0, "gave up after 3 attempts: HTTP 503")),
         stat: None,
         unwait: false,
+        refund: None,
     };
     assert_eq!(
         store
@@ -608,6 +612,7 @@ async fn the_retry_keeps_the_timeline_of_earlier_steps() {
         entry: Some(done.clone()),
         stat: None,
         unwait: false,
+        refund: None,
     };
     assert_eq!(store.complete(2, 10, &[next]).await.unwrap(), (1, 0));
     let claim = store.claim(2, 20, 10, 60_000).await.unwrap();
@@ -622,6 +627,7 @@ async fn the_retry_keeps_the_timeline_of_earlier_steps() {
         entry: Some(failed_entry(1, "HTTP 400")),
         stat: None,
         unwait: false,
+        refund: None,
     };
     assert_eq!(store.complete(2, 30, &[failed]).await.unwrap(), (1, 0));
     assert_eq!(

@@ -410,5 +410,6 @@ fn back_at(f: &InFlight, run_id: &str, due_ms: i64, detail: &str) -> Completion 
         entry: None,
         stat: None,
         unwait: false,
+        refund: None,
     }
 }

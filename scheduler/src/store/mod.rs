@@ -340,6 +340,17 @@ pub struct Completion {
     pub stat: Option<Stat>,
     /// The run leaves a `wait_for` (its registration goes).
     pub unwait: bool,
+    /// A send counted against the contact's frequency caps that did not go out: it is
+    /// uncounted with the outcome.
+    pub refund: Option<Refund>,
+}
+
+/// A counted send to uncount from the contact's caps (its `*` and channel send sets).
+#[derive(Debug, Clone)]
+pub struct Refund {
+    /// The send as counted: its idempotency key.
+    pub member: String,
+    pub channel: String,
 }
 
 /// A run as stored.
@@ -837,7 +848,8 @@ impl Store {
             .arg(self.keys.events_prefix(partition))
             .arg(self.keys.paused_runs_prefix(partition))
             .arg(lease_ms.map(|ms| ms.to_string()).unwrap_or_default())
-            .arg(self.keys.contact_prefix(partition));
+            .arg(self.keys.contact_prefix(partition))
+            .arg(self.keys.sent_prefix(partition));
         for completion in completions {
             let mut wait_event = "";
             let mut then = String::new();
@@ -893,6 +905,10 @@ impl Store {
                 .arg(if completion.unwait { "1" } else { "" })
                 .arg(wait_event)
                 .arg(then);
+            match &completion.refund {
+                Some(refund) => invocation.arg(&refund.member).arg(&refund.channel),
+                None => invocation.arg("").arg(""),
+            };
         }
         let (applied, stale, claimed): (u64, u64, Vec<redis::Value>) =
             timed("complete", invocation.invoke_async(&mut conn)).await?;

@@ -11,15 +11,17 @@
 -- ARGV[4] prefix of the per-playbook dead-letter sets, ARGV[5] stats prefix,
 -- ARGV[6] waits prefix, ARGV[7] goals prefix, ARGV[8] event lookback prefix,
 -- ARGV[9] paused-runs prefix, ARGV[10] lease ms ('' = lease nothing), ARGV[11] contact
--- key prefix,
--- then per outcome 14 values:
+-- key prefix, ARGV[12] prefix of the per-contact send sets (spend.lua),
+-- then per outcome 16 values:
 --   id, fence, op, index, due, attempt, status, detail, timeline line, dead ('1'),
 --   stat (funnel counter of the step being left or held: done, skipped, capped, failed,
 --   timed_out, deferred, or ''), unwait ('1': the run leaves a wait_for),
 --   wait event ('' for none), and where the run goes when that event comes, packed as
 --   "<op> <index> <delay ms>" (op 'next' or 'finish'; due = the event's time + delay);
 --   without a wait event, for a 'next' to a wait or a 'hold' of a wait_until, the step
---   index the run goes straight on to when the wait ends (stored as `wn`, see claim.lua).
+--   index the run goes straight on to when the wait ends (stored as `wn`, see claim.lua);
+--   then a send to uncount from the contact's caps ('' for none: the member spend.lua
+--   counted) and its channel (it leaves the `*` and the channel's send sets).
 -- ops: 'next' / 'retry' schedule step `index` at `due` with `attempt`; 'finish' ends the
 -- run with `status` and sets its expiry, except for a dead letter, which is kept until
 -- retried; 'hold' keeps the run at its step (a wait_until or wait_for now waiting),
@@ -31,7 +33,7 @@
 -- step ('next', 'finish'); a 'retry' keeps it for the next attempt.
 -- Returns {applied, stale, claimed (as claim.lua's)}.
 local runs, now, retention = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local lease_ms, contacts = tonumber(ARGV[10]), ARGV[11]
+local lease_ms, contacts, sent_prefix = tonumber(ARGV[10]), ARGV[11], ARGV[12]
 local claimed, leased, scheduled = {}, {}, {}
 local dead_by_playbook, stats_prefix = ARGV[4], ARGV[5]
 local waits_prefix, goals_prefix, events_prefix, paused_prefix = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
@@ -85,7 +87,7 @@ local function created_of(id)
   -- Bits 80..127: limb 4 holds bits 72..95, limb 5 96..119, limb 6 120..143.
   return math.floor(limbs[4] / 256) + limbs[5] * 65536 + limbs[6] * 1099511627776
 end
-for i = 12, #ARGV, 14 do
+for i = 13, #ARGV, 16 do
   local id = ARGV[i]
   local key = runs .. id
   local run = redis.call('HMGET', key, 'f', 't', 'pb', 'v', 'c', 'i', 'g', 'ca', 'rs', 'st', 'tp', 'ev', 'ws')
@@ -98,6 +100,11 @@ for i = 12, #ARGV, 14 do
     end
     local stats = stats_prefix .. run[3] .. ':' .. run[4]
     local stat, line = ARGV[i + 10], ARGV[i + 8]
+    if ARGV[i + 14] ~= '' then
+      local sent = sent_prefix .. run[5] .. '|'
+      redis.call('ZREM', sent .. '*', ARGV[i + 14])
+      redis.call('ZREM', sent .. ARGV[i + 15], ARGV[i + 14])
+    end
     if ARGV[i + 11] == '1' then
       redis.call('HDEL', waits_prefix .. run[5], id)
     end
