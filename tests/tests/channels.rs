@@ -260,6 +260,45 @@ async fn smtp_retries_a_4xx_with_the_same_message_id_and_fails_on_a_5xx() {
     );
 }
 
+/// An SMTP server that answers "sending rate limit exceeded" asks the sender to slow
+/// down: the step is retried and the channel held back for every worker, as for an
+/// HTTP 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_throttling_holds_the_channel_back() {
+    touchpoint_tests::python::python();
+    let smtp = SmtpServer::start(SmtpTls::Implicit, None);
+    let mut stack = Stack::start(NODE, &[], &[]).await;
+    let config = WorkerConfig::new().channel(smtp_channel("mail", &smtp, false));
+    let _worker = WorkerNode::start(NODE, &stack.scheduler.endpoint(), "w-1", &config, &[]);
+    stack
+        .apply(
+            "name: mail\nsteps:\n  - {id: mail, action: send_message, channel: mail, \
+             template: hello, params: {subject: Hi}}\n",
+        )
+        .await;
+    let run_id = stack
+        .enroll(
+            "mail",
+            customer("c-1", "throttled-once@example.com"),
+            &request_id(),
+        )
+        .await
+        .run_id;
+    let run = stack
+        .client
+        .wait_for_status(&run_id, RunStatus::Completed, TIMEOUT)
+        .await;
+    assert_eq!(step(&run, "mail").attempts, 2, "{}", run_summary(&run));
+    assert_eq!((smtp.rejected().len(), smtp.accepted().len()), (1, 1));
+    let log = stack.scheduler.process().log();
+    assert!(
+        log.contains("the provider asked to slow down; the channel is held back")
+            && log.contains("channel=mail"),
+        "{}",
+        stack.scheduler.process().log_tail(20)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_answers_are_classified() {
     let sms = SmsServer::start(ACCESS_KEY_ID, ACCESS_KEY_SECRET).await;

@@ -7,6 +7,8 @@ Writes every message it accepts to DIR/accepted/<n>.eml and every message it tur
 at DATA to DIR/rejected/<n>.eml. Answers by the first recipient's local part:
 
 - starts with "tempfail-once": 451 the first time that address sends, then accepted;
+- starts with "throttled-once": 451 "sending rate limit exceeded" the first time, then
+  accepted;
 - starts with "tempfail": always 451;
 - starts with "reject": always 550;
 - anything else: accepted.
@@ -48,6 +50,11 @@ class Handler:
                 self.seen.add(rcpt)
                 self._write("rejected", envelope)
                 return "451 4.3.0 try again later"
+        elif local.startswith("throttled-once"):
+            if rcpt not in self.seen:
+                self.seen.add(rcpt)
+                self._write("rejected", envelope)
+                return "451 4.7.1 sending rate limit exceeded, slow down"
         elif local.startswith("tempfail"):
             self._write("rejected", envelope)
             return "451 4.3.0 try again later"

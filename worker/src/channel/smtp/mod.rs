@@ -7,7 +7,9 @@
 //! - `Message-ID: <{first 32 hex digits of SHA-256(idempotency key)}@{from's domain}>`, the
 //!   same for every attempt of a step, so receivers and mail stores can deduplicate.
 //! - A 5xx reply fails the step; a 4xx reply, a connection or TLS error or a timeout is
-//!   retried. Addresses never reach a log line or a step's detail.
+//!   retried. A 4xx reply that asks the sender to slow down (421, or a sending rate or
+//!   connection limit in its text) also holds the whole channel back, as an HTTP 429
+//!   does. Addresses never reach a log line or a step's detail.
 
 mod config;
 
@@ -161,11 +163,38 @@ fn classify(error: &lettre::transport::smtp::Error) -> Error {
         Some(code) if error.is_permanent() => {
             Error::permanent(detail(&format!("SMTP {code}"), &reason))
         }
-        Some(code) => Error::retryable(detail(&format!("SMTP {code}"), &reason)),
+        Some(code) => {
+            let detail = detail(&format!("SMTP {code}"), &reason);
+            if asks_to_slow_down(&code.to_string(), &reason) {
+                Error::rate_limited(detail, None)
+            } else {
+                Error::retryable(detail)
+            }
+        }
         None if error.is_timeout() => Error::retryable("SMTP timeout"),
         None if error.is_tls() => Error::retryable(detail("SMTP TLS error", &reason)),
         None => Error::retryable(detail("SMTP error", &reason)),
     }
+}
+
+/// Words of a 4xx reply that asks the sender to slow down, rather than turning one
+/// message away (a full mailbox, too many recipients).
+const SLOW_DOWN: [&str; 7] = [
+    "rate limit",
+    "ratelimit",
+    "sending rate",
+    "throttl",
+    "slow down",
+    "too many messages",
+    "too many connections",
+];
+
+/// Whether a 4xx reply (`code`, its text `reason`) asks the sender to slow down: a 421
+/// (the server closes the connection: overloaded or limiting connections) or a rate or
+/// connection limit named in its text.
+fn asks_to_slow_down(code: &str, reason: &str) -> bool {
+    let reason = reason.to_ascii_lowercase();
+    code == "421" || SLOW_DOWN.iter().any(|sign| reason.contains(sign))
 }
 
 fn detail(head: &str, reason: &str) -> String {
@@ -218,6 +247,32 @@ mod tests {
             .insert("email".to_owned(), "wang.fang@example.com".to_owned());
         delivery.params = params;
         delivery
+    }
+
+    #[test]
+    fn replies_asking_to_slow_down_are_told_apart() {
+        assert!(asks_to_slow_down(
+            "421",
+            "4.7.0 Try again later, closing connection"
+        ));
+        assert!(asks_to_slow_down(
+            "451",
+            "4.7.1 sending rate limit exceeded"
+        ));
+        assert!(asks_to_slow_down(
+            "454",
+            "Throttling failure: Maximum sending rate exceeded"
+        ));
+        assert!(asks_to_slow_down(
+            "450",
+            "Too many connections from your IP"
+        ));
+        assert!(!asks_to_slow_down("451", "4.3.0 try again later"));
+        assert!(!asks_to_slow_down("452", "4.5.3 too many recipients"));
+        assert!(!asks_to_slow_down(
+            "450",
+            "4.2.1 The user is receiving mail at a rate that prevents additional messages"
+        ));
     }
 
     #[test]
