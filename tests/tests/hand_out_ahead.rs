@@ -389,7 +389,7 @@ async fn a_revoke_for_a_worker_away_reaches_it_when_it_re_attaches() {
         .expect("CancelRun");
     let kept = eventually(TIMEOUT, || {
         let log = stack.scheduler.process().log();
-        async move { log.contains("revoke kept for when the worker re-attaches") }
+        async move { log.contains("steps handed out ahead revoked before they were due") }
     })
     .await;
     assert!(kept, "{}", stack.scheduler.process().log_tail(20));

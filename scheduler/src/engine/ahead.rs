@@ -282,7 +282,7 @@ impl Engine {
             fencing_token: f.fence,
         };
         let Some(sender) = self.workers.sender(f.connection) else {
-            info!(worker = %f.worker_id, run_id, "revoke kept for when the worker re-attaches: its stream has ended");
+            debug!(worker = %f.worker_id, run_id, "revoke kept for when the worker re-attaches: its stream has ended");
             self.ahead_checks
                 .keep_unsent(&f.worker_id, revoke, f.lease_deadline_ms, now_ms());
             return;
