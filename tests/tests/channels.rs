@@ -203,32 +203,44 @@ async fn sms_and_email_steps_reach_real_servers() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smtp_retries_a_4xx_with_the_same_message_id_and_fails_on_a_5xx() {
+/// aiosmtpd over implicit TLS, a stack with a worker whose channel `mail` sends to it, and
+/// playbook `mail` (one e-mail).
+async fn mail_stack() -> (SmtpServer, Stack, WorkerNode) {
     touchpoint_tests::python::python();
     let smtp = SmtpServer::start(SmtpTls::Implicit, None);
     let mut stack = Stack::start(NODE, &[], &[]).await;
     let config = WorkerConfig::new().channel(smtp_channel("mail", &smtp, false));
-    let _worker = WorkerNode::start(NODE, &stack.scheduler.endpoint(), "w-1", &config, &[]);
+    let worker = WorkerNode::start(NODE, &stack.scheduler.endpoint(), "w-1", &config, &[]);
     stack
         .apply(
             "name: mail\nsteps:\n  - {id: mail, action: send_message, channel: mail, \
              template: hello, params: {subject: Hi}}\n",
         )
         .await;
+    (smtp, stack, worker)
+}
 
-    let retried = stack
-        .enroll(
-            "mail",
-            customer("c-1", "tempfail-once@example.com"),
-            &request_id(),
-        )
+/// Enrolls `contact_id` (e-mail `address`) into `mail` and waits for the run to end as
+/// `status`.
+async fn mail(stack: &mut Stack, contact_id: &str, address: &str, status: RunStatus) -> Run {
+    let run_id = stack
+        .enroll("mail", customer(contact_id, address), &request_id())
         .await
         .run_id;
-    let run = stack
-        .client
-        .wait_for_status(&retried, RunStatus::Completed, TIMEOUT)
-        .await;
+    stack.client.wait_for_status(&run_id, status, TIMEOUT).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_retries_a_4xx_with_the_same_message_id_and_fails_on_a_5xx() {
+    let (smtp, mut stack, _worker) = mail_stack().await;
+
+    let run = mail(
+        &mut stack,
+        "c-1",
+        "tempfail-once@example.com",
+        RunStatus::Completed,
+    )
+    .await;
     assert_eq!(step(&run, "mail").attempts, 2, "{}", run_summary(&run));
     let (rejected, accepted) = (smtp.rejected(), smtp.accepted());
     assert_eq!((rejected.len(), accepted.len()), (1, 1));
@@ -242,21 +254,14 @@ async fn smtp_retries_a_4xx_with_the_same_message_id_and_fails_on_a_5xx() {
             .is_some_and(|t| t.starts_with("text/plain"))
     );
 
-    let refused = stack
-        .enroll("mail", customer("c-2", "reject@example.com"), &request_id())
-        .await
-        .run_id;
-    let run = stack
-        .client
-        .wait_for_status(&refused, RunStatus::Failed, TIMEOUT)
-        .await;
-    let mail = step(&run, "mail");
-    assert_eq!(mail.attempts, 1, "{}", run_summary(&run));
-    assert!(mail.detail.starts_with("SMTP 550"), "{}", run_summary(&run));
+    let run = mail(&mut stack, "c-2", "reject@example.com", RunStatus::Failed).await;
+    let sent = step(&run, "mail");
+    assert_eq!(sent.attempts, 1, "{}", run_summary(&run));
+    assert!(sent.detail.starts_with("SMTP 550"), "{}", run_summary(&run));
     assert!(
-        !mail.detail.contains("reject@example.com"),
+        !sent.detail.contains("reject@example.com"),
         "{}",
-        mail.detail
+        sent.detail
     );
 }
 
@@ -265,29 +270,14 @@ async fn smtp_retries_a_4xx_with_the_same_message_id_and_fails_on_a_5xx() {
 /// HTTP 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_throttling_holds_the_channel_back() {
-    touchpoint_tests::python::python();
-    let smtp = SmtpServer::start(SmtpTls::Implicit, None);
-    let mut stack = Stack::start(NODE, &[], &[]).await;
-    let config = WorkerConfig::new().channel(smtp_channel("mail", &smtp, false));
-    let _worker = WorkerNode::start(NODE, &stack.scheduler.endpoint(), "w-1", &config, &[]);
-    stack
-        .apply(
-            "name: mail\nsteps:\n  - {id: mail, action: send_message, channel: mail, \
-             template: hello, params: {subject: Hi}}\n",
-        )
-        .await;
-    let run_id = stack
-        .enroll(
-            "mail",
-            customer("c-1", "throttled-once@example.com"),
-            &request_id(),
-        )
-        .await
-        .run_id;
-    let run = stack
-        .client
-        .wait_for_status(&run_id, RunStatus::Completed, TIMEOUT)
-        .await;
+    let (smtp, mut stack, _worker) = mail_stack().await;
+    let run = mail(
+        &mut stack,
+        "c-1",
+        "throttled-once@example.com",
+        RunStatus::Completed,
+    )
+    .await;
     assert_eq!(step(&run, "mail").attempts, 2, "{}", run_summary(&run));
     assert_eq!((smtp.rejected().len(), smtp.accepted().len()), (1, 1));
     let log = stack.scheduler.process().log();

@@ -456,6 +456,17 @@ async fn caps_hold_across_playbooks_and_schedulers() {
     drop(second);
 }
 
+/// Enrolls `contact_id` into `playbook` and waits for the run to end as `status`.
+async fn finished(stack: &mut Stack, playbook: &str, contact_id: &str, status: RunStatus) -> Run {
+    let run = stack
+        .enroll(playbook, contact(contact_id, &[], &[]), &request_id())
+        .await;
+    stack
+        .client
+        .wait_for_status(&run.run_id, status, TIMEOUT)
+        .await
+}
+
 /// One message a day per contact: a send the provider refused (HTTP 400, a permanent
 /// failure) did not reach the contact, so it is uncounted and the contact's next
 /// message goes out; one whose retries ran out on 503s may have reached them, so it
@@ -480,20 +491,8 @@ async fn a_send_refused_for_good_is_uncounted_from_the_caps() {
 
     // Refused: uncounted, so the second message goes out.
     stack.receiver.respond_with(&[400]);
-    let refused = stack
-        .enroll("first", contact("c-refused", &[], &[]), &request_id())
-        .await;
-    stack
-        .client
-        .wait_for_status(&refused.run_id, RunStatus::Failed, TIMEOUT)
-        .await;
-    let next = stack
-        .enroll("second", contact("c-refused", &[], &[]), &request_id())
-        .await;
-    let next = stack
-        .client
-        .wait_for_status(&next.run_id, RunStatus::Completed, TIMEOUT)
-        .await;
+    finished(&mut stack, "first", "c-refused", RunStatus::Failed).await;
+    let next = finished(&mut stack, "second", "c-refused", RunStatus::Completed).await;
     assert_eq!(
         next.steps[0].status(),
         StepStatus::Done,
@@ -503,21 +502,9 @@ async fn a_send_refused_for_good_is_uncounted_from_the_caps() {
 
     // Given up after 503s: still counted, so the second message is capped.
     stack.receiver.respond_with(&[503, 503]);
-    let gave_up = stack
-        .enroll("first", contact("c-gave-up", &[], &[]), &request_id())
-        .await;
-    let gave_up = stack
-        .client
-        .wait_for_status(&gave_up.run_id, RunStatus::Failed, TIMEOUT)
-        .await;
+    let gave_up = finished(&mut stack, "first", "c-gave-up", RunStatus::Failed).await;
     assert_eq!(gave_up.steps[0].attempts, 2, "{}", run_summary(&gave_up));
-    let next = stack
-        .enroll("second", contact("c-gave-up", &[], &[]), &request_id())
-        .await;
-    let next = stack
-        .client
-        .wait_for_status(&next.run_id, RunStatus::Completed, TIMEOUT)
-        .await;
+    let next = finished(&mut stack, "second", "c-gave-up", RunStatus::Completed).await;
     assert_eq!(
         next.steps[0].status(),
         StepStatus::Skipped,
