@@ -388,6 +388,19 @@ fn one_send(name: &str, channel: &str, extra: &str) -> String {
     format!("name: {name}\nsteps:\n  - id: send\n    action: send\n    channel: {channel}\n{extra}")
 }
 
+/// Applies the policy: one message a day per contact, on every channel.
+async fn one_message_a_day(stack: &mut Stack) {
+    stack
+        .client
+        .policy
+        .apply_policy(ApplyPolicyRequest {
+            yaml: "caps:\n  - { channel: \"*\", max: 1, per: 1d }\n".to_owned(),
+            dry_run: false,
+        })
+        .await
+        .expect("ApplyPolicy");
+}
+
 /// Two playbooks, two schedulers (each with its own worker), one cap of one message a
 /// day: every contact gets exactly one of the two messages, whichever scheduler and
 /// playbook got there first; the other is capped (skipped).
@@ -403,15 +416,7 @@ async fn caps_hold_across_playbooks_and_schedulers() {
         &stack.worker_config(),
         &[(SECRET_ENV, &stack.secret)],
     );
-    stack
-        .client
-        .policy
-        .apply_policy(ApplyPolicyRequest {
-            yaml: "caps:\n  - { channel: \"*\", max: 1, per: 1d }\n".to_owned(),
-            dry_run: false,
-        })
-        .await
-        .expect("ApplyPolicy");
+    one_message_a_day(&mut stack).await;
     stack.apply(&one_send("promo-a", "crm", "")).await;
     stack.apply(&one_send("promo-b", "crm", "")).await;
     // Let both schedulers load the policy (they read it every second).
@@ -474,15 +479,7 @@ async fn finished(stack: &mut Stack, playbook: &str, contact_id: &str, status: R
 #[tokio::test]
 async fn a_send_refused_for_good_is_uncounted_from_the_caps() {
     let mut stack = Stack::start(NODE, &[], &["crm"]).await;
-    stack
-        .client
-        .policy
-        .apply_policy(ApplyPolicyRequest {
-            yaml: "caps:\n  - { channel: \"*\", max: 1, per: 1d }\n".to_owned(),
-            dry_run: false,
-        })
-        .await
-        .expect("ApplyPolicy");
+    one_message_a_day(&mut stack).await;
     let retry = "    retry: { max_attempts: 2, initial: 100ms, max: 100ms }\n";
     stack.apply(&one_send("first", "crm", retry)).await;
     stack.apply(&one_send("second", "crm", "")).await;
