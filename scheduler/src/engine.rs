@@ -97,6 +97,17 @@ struct InFlight {
     ahead: bool,
 }
 
+impl InFlight {
+    /// Its step, when it is an action that frequency caps apply to (not transactional).
+    fn capped_action(&self) -> Option<(&Step, &Action)> {
+        let step = self.playbook.playbook.steps.get(self.step_index)?;
+        match &step.kind {
+            StepKind::Action(action) if !action.transactional => Some((step, action)),
+            _ => None,
+        }
+    }
+}
+
 /// The `connection` of a step whose worker's stream ended: it waits for the worker to
 /// re-attach until its lease runs out. (Connection ids start at 1.)
 const DETACHED: ConnectionId = 0;
@@ -839,19 +850,16 @@ impl Engine {
         let mut sends = Vec::new();
         let mut free = Vec::new();
         for (in_flight, task) in ready {
-            let (transactional, on_cap) =
-                match in_flight.playbook.playbook.steps.get(in_flight.step_index) {
-                    Some(Step {
-                        kind: StepKind::Action(action),
-                        ..
-                    }) => (action.transactional, action.on_cap),
-                    _ => (true, Hold::Skip),
-                };
+            let Some((_, action)) = in_flight.capped_action() else {
+                free.push((in_flight, task));
+                continue;
+            };
+            let on_cap = action.on_cap;
             let caps: Vec<&policy::Cap> = budget
                 .caps_for(&in_flight.channel)
                 .map(|(_, c)| c)
                 .collect();
-            if transactional || caps.is_empty() {
+            if caps.is_empty() {
                 free.push((in_flight, task));
                 continue;
             }
@@ -1643,13 +1651,9 @@ impl Engine {
     /// The send of `f` as `spend_budget` counted it against the contact's caps, if it
     /// was: an action step that is not transactional, on a channel the policy caps.
     fn counted_send(&self, run_id: &str, f: &InFlight) -> Option<Refund> {
-        let step = f.playbook.playbook.steps.get(f.step_index)?;
-        let StepKind::Action(action) = &step.kind else {
-            return None;
-        };
-        if action.transactional || self.policy().caps_for(&f.channel).next().is_none() {
-            return None;
-        }
+        let (step, _) = f.capped_action()?;
+        // No cap on the channel: nothing was counted.
+        self.policy().caps_for(&f.channel).next()?;
         Some(Refund {
             member: idempotency_key(run_id, &step.id),
             channel: f.channel.clone(),

@@ -81,17 +81,21 @@ impl AheadChecks {
         }
     }
 
-    /// Keeps `revoke` for `worker_id` until `until_ms` (dropping those past theirs).
-    fn keep_unsent(&self, worker_id: &str, revoke: v1::Revoke, until_ms: i64, now: i64) {
-        let mut unsent = lock(&self.unsent);
-        unsent.retain(|_, revokes| {
-            revokes.retain(|r| r.until_ms > now);
-            !revokes.is_empty()
-        });
-        unsent
+    /// Keeps `revoke` for `worker_id` until `until_ms`.
+    fn keep_unsent(&self, worker_id: &str, revoke: v1::Revoke, until_ms: i64) {
+        lock(&self.unsent)
             .entry(worker_id.to_owned())
             .or_default()
             .push(Unsent { revoke, until_ms });
+    }
+
+    /// Drops the kept revokes whose steps' leases have run out by `now` (their workers
+    /// did not come back in time).
+    fn forget_unsent(&self, now: i64) {
+        lock(&self.unsent).retain(|_, revokes| {
+            revokes.retain(|r| r.until_ms > now);
+            !revokes.is_empty()
+        });
     }
 
     /// The revokes kept for `worker_id` whose steps' leases still run.
@@ -284,7 +288,7 @@ impl Engine {
         let Some(sender) = self.workers.sender(f.connection) else {
             debug!(worker = %f.worker_id, run_id, "revoke kept for when the worker re-attaches: its stream has ended");
             self.ahead_checks
-                .keep_unsent(&f.worker_id, revoke, f.lease_deadline_ms, now_ms());
+                .keep_unsent(&f.worker_id, revoke, f.lease_deadline_ms);
             return;
         };
         if sender.try_send(Ok(revoke_message(revoke))).is_err() {
@@ -336,6 +340,7 @@ impl Engine {
     }
 
     async fn check_ahead(&self, checks: Vec<Check>) {
+        self.ahead_checks.forget_unsent(now_ms());
         let mut by_partition: HashMap<u16, Vec<Check>> = HashMap::new();
         for check in checks {
             by_partition.entry(check.partition).or_default().push(check);
